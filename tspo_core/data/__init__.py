@@ -1,0 +1,1 @@
+"""Datasets and corpora: the synthetic world, real-file loaders, shared record types."""
