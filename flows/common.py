@@ -1,0 +1,67 @@
+"""Plumbing shared by the stage flows: CLI, params loading, resolved-config snapshots and Prefect artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tspo_core.config import Params, dump_params, load_params
+from tspo_core.errors import TSPOError
+from tspo_core.io import write_text
+
+
+def load(params_path: str | Path) -> Params:
+    return load_params(params_path)
+
+
+def save_resolved(params: Params, out_dir: str | Path) -> Path:
+    """Every stage writes the resolved config beside its outputs (what produced this artifact)."""
+    path = Path(out_dir) / "params.resolved.yaml"
+    write_text(path, dump_params(params))
+    return path
+
+
+def markdown_table(rows: list[Mapping[str, Any]]) -> str:
+    if not rows:
+        return "(empty)"
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def publish(key: str, title: str, rows: list[Mapping[str, Any]], notes: str = "") -> None:
+    """A keyed markdown summary and a table artifact (keys: lowercase letters, digits and dashes)."""
+    create_markdown_artifact(key=f"{key}-summary", markdown=f"# {title}\n\n{notes}\n\n{markdown_table(rows)}\n",
+                             description=title)
+    if rows:
+        create_table_artifact(key=f"{key}-table", table=[dict(r) for r in rows], description=title)
+
+
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry transient failures (disk, network), never bad input (it fails the same)."""
+    try:
+        state.result()
+    except TSPOError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return False
+
+
+def main(flow: Callable[..., Any], description: str) -> None:
+    """`python -m flows.<stage> --params params.yaml`: exits 2 with the error's message on bad input."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    try:
+        flow(params_path=args.params)
+    except TSPOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
