@@ -34,20 +34,28 @@ class SplitSizes(_Section):
 
 
 class SyntheticConfig(_Section):
-    """Sizes of the generated fictional encyclopedia (see tspo_core.data.world)."""
+    """Sizes of the generated fictional encyclopedia (see tspo_core.data.world).
 
-    n_worlds: int = Field(10, gt=0, description="Independent sub-worlds merged into one corpus; the last "
-                          "`n_eval_worlds` supply dev/test questions, the others only train questions.")
-    n_eval_worlds: int = Field(1, gt=0, description="Sub-worlds reserved for dev/test questions (held-out "
+    Passages = n_worlds x (countries + cities + people + companies + works + distractors) per sub-world.
+    """
+
+    n_worlds: int = Field(60, gt=1, description="Independent sub-worlds merged into one corpus; the last "
+                          "`n_eval_worlds` supply dev/test questions, the others only train questions (many "
+                          "training sub-worlds keep a tiny model from memorizing names).")
+    n_eval_worlds: int = Field(6, gt=0, description="Sub-worlds reserved for dev/test questions (held-out "
                                "entities: no train question mentions them).")
-    people_per_world: int = Field(60, gt=0, description="People per sub-world.")
-    cities_per_world: int = Field(15, gt=0, description="Cities per sub-world.")
-    countries_per_world: int = Field(5, gt=0, description="Countries per sub-world.")
-    companies_per_world: int = Field(12, gt=0, description="Companies per sub-world.")
-    works_per_world: int = Field(20, gt=0, description="Creative works (books, films, albums) per sub-world.")
-    distractors_per_world: int = Field(10, ge=0, description="Extra passages per sub-world that mention "
-                                       "entities without stating the facts asked about.")
-    splits: dict[str, SplitSizes] = Field(description="Per family (the seven FlashRAG names): split sizes.")
+    people_per_world: int = Field(40, gt=1, description="People per sub-world (also founders, mayors, creators; "
+                                  "at least as many as cities and as companies).")
+    cities_per_world: int = Field(10, gt=0, description="Cities per sub-world (at least one per country).")
+    countries_per_world: int = Field(4, ge=2, description="Countries per sub-world (each borders another).")
+    companies_per_world: int = Field(10, gt=0, description="Companies per sub-world.")
+    works_per_world: int = Field(24, gt=0, description="Creative works (novels, poems, plays, songs, films) per "
+                                 "sub-world: the long-tail entities of popqa, one passage each.")
+    distractors_per_world: int = Field(8, ge=0, description="Event passages per sub-world that mention people, "
+                                       "a city and a company without stating any fact a question asks for.")
+    splits: dict[str, SplitSizes] = Field(description="Per family (the seven FlashRAG names): split sizes. "
+                                          "Generation fails, naming the family and split, when the world cannot "
+                                          "supply that many distinct questions.")
 
     @field_validator("splits")
     @classmethod
@@ -63,7 +71,20 @@ class SyntheticConfig(_Section):
         if self.n_eval_worlds >= self.n_worlds:
             raise ValueError(f"n_eval_worlds ({self.n_eval_worlds}) must be < n_worlds ({self.n_worlds}): "
                              "train questions need worlds of their own")
+        if self.cities_per_world < self.countries_per_world:
+            raise ValueError(f"cities_per_world ({self.cities_per_world}) must be >= countries_per_world "
+                             f"({self.countries_per_world}): every country needs a capital")
+        if self.people_per_world < max(self.cities_per_world, self.companies_per_world):
+            raise ValueError(f"people_per_world ({self.people_per_world}) must be >= cities_per_world and "
+                             f"companies_per_world: mayors and founders are distinct people")
         return self
+
+    @property
+    def passages(self) -> int:
+        """Corpus size this config generates."""
+        per_world = (self.countries_per_world + self.cities_per_world + self.people_per_world
+                     + self.companies_per_world + self.works_per_world + self.distractors_per_world)
+        return self.n_worlds * per_world
 
 
 class FilesConfig(_Section):
@@ -92,7 +113,7 @@ class DataConfig(_Section):
     seed: int = Field(0, description="Seed of the world generator (same seed -> byte-identical files).")
     rl_train_families: list[str] = Field(["nq", "hotpotqa"], min_length=1, description="Families whose train "
                                          "split forms the RL training set (the paper: NQ + HotpotQA train).")
-    synthetic: SyntheticConfig = Field(description="World sizes, used when source = synthetic.")
+    synthetic: SyntheticConfig | None = Field(None, description="World sizes, required when source = synthetic.")
     files: FilesConfig | None = Field(None, description="Real files, required when source = files.")
 
     @field_validator("rl_train_families")
@@ -107,6 +128,8 @@ class DataConfig(_Section):
     def _files_present(self) -> "DataConfig":
         if self.source == "files" and self.files is None:
             raise ValueError("source = files needs a `files` section (corpus, train, eval)")
+        if self.source == "synthetic" and self.synthetic is None:
+            raise ValueError("source = synthetic needs a `synthetic` section (world sizes and splits)")
         return self
 
 
@@ -134,6 +157,17 @@ class IndexConfig(_Section):
     gpu_shard: bool = Field(True, description="With faiss-gpu and GPUs present, shard a flat index across them.")
     probe_size: int = Field(200, ge=0, description="Dev questions with known support used for the index "
                             "card's recall@1/3/10.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Encoder device (auto: cuda when "
+                                                   "available).")
+    hnsw_ef_construction: int = Field(200, gt=0, description="HNSW candidate list size while building.")
+    hnsw_ef_search: int = Field(128, gt=0, description="HNSW candidate list size at search time (raised to "
+                                "top_k when smaller).")
+    ivf_nprobe: int = Field(32, gt=0, description="IVF lists visited per query (ivfpq).")
+    bm25_k1: float = Field(1.5, gt=0, description="BM25 term-frequency saturation (kind = bm25).")
+    bm25_b: float = Field(0.75, ge=0, le=1, description="BM25 length normalization (kind = bm25).")
+    copy_passages: bool = Field(False, description="Copy the corpus into the index directory (self-contained, "
+                                "costs disk) instead of referencing the corpus file by path + byte offsets. "
+                                "A corpus given as a list of passages is always copied.")
 
 
 class RetrievalConfig(_Section):
@@ -150,6 +184,11 @@ class RetrievalConfig(_Section):
     timeout_s: float = Field(30.0, gt=0, description="Client timeout per request.")
     retries: int = Field(5, ge=0, description="Client retries on connection errors and 5xx.")
     backoff_s: float = Field(0.5, gt=0, description="Client initial backoff (doubles each retry).")
+    batch_wait_ms: float = Field(0.0, ge=0, description="Server micro-batching: extra wait for more requests "
+                                 "before searching (0: search at once; requests arriving meanwhile form the next "
+                                 "batch).")
+    max_batch_queries: int = Field(512, gt=0, description="Server micro-batching: most queries searched in one "
+                                   "batch (a larger single request is still searched whole).")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,19 +322,20 @@ class PathsConfig(_Section):
 
 
 class Params(_Section):
-    data: DataConfig
-    index: IndexConfig = Field(default_factory=IndexConfig)
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    paths: PathsConfig = Field(default_factory=PathsConfig)
+    data: DataConfig = Field(description="Datasets and corpus: the synthetic world or real files.")
+    index: IndexConfig = Field(default_factory=IndexConfig, description="Corpus index (dense FAISS or BM25).")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="Search at rollout time "
+                                       "and the retrieval server.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model and tokenizer.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="SFT warmup on oracle trajectories.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Multi-turn rollout engine.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Outcome EM and FOLR rewards.")
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig, description="Advantage estimator.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="RL optimizer and policy loss.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="RL loop sizes and checkpoints.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Seven-dataset evaluation.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="W&B tracking.")
+    paths: PathsConfig = Field(default_factory=PathsConfig, description="Where each stage writes.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,6 +371,8 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if overrides and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value, str(path))
     return params_from_dict(raw, str(path))
@@ -340,11 +382,9 @@ def _set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
     node = raw
     *parents, leaf = dotted.split(".")
     for p in parents:
-        if not isinstance(node.get(p), dict):
-            node[p] = {} if p not in node else node[p]
-            if not isinstance(node[p], dict):
-                raise ConfigError(f"{source}: override {dotted!r}: {p!r} is not a section")
-        node = node[p]
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override {dotted!r}: {p!r} is not a section")
     node[leaf] = value
 
 
