@@ -147,6 +147,9 @@ class IndexConfig(_Section):
     max_length: int = Field(256, gt=0, description="Encoder max tokens per passage/query.")
     batch_size: int = Field(64, gt=0, description="Passages per encoder batch (length-sorted, padded per batch).")
     fp16: bool = Field(True, description="Use fp16 on GPU (ignored on CPU).")
+    cpu_batch_tokens: int = Field(2048, gt=0, description="On CPU, also cap each encoder batch at this many "
+                                  "token positions (batch x padded length), which keeps activations in cache "
+                                  "(~1.5x faster than 64 x 256 on 2 cores); not applied on GPU.")
     faiss_type: Literal["flat", "hnsw", "ivfpq"] = Field("flat", description="FAISS index type.")
     hnsw_m: int = Field(32, gt=0, description="HNSW graph degree.")
     ivf_nlist: int = Field(1024, gt=0, description="IVF lists (ivfpq).")
@@ -237,6 +240,8 @@ class SFTConfig(_Section):
     lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(50, ge=0, description="Linear warmup steps, then cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    validate_per_family: int = Field(30, ge=0, description="Dev questions per family for the post-SFT "
+                                     "protocol check (valid actions, EM).")
     seed: int = Field(0, description="Seed.")
 
 
@@ -246,6 +251,8 @@ class SFTConfig(_Section):
 class RolloutConfig(_Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend (vllm: GPU extra).")
     group_size: int = Field(5, gt=0, description="G: rollouts per question.")
+    prompt_template: Literal["search_r1", "compact"] = Field("search_r1", description="Instruction before "
+                                                             "`Question: q` (tspo_core.agent.protocol).")
     max_turns: int = Field(4, gt=0, description="Search rounds before the final answer-only turn.")
     max_new_tokens_per_turn: int = Field(500, gt=0, description="Cap on generated tokens per turn.")
     max_obs_tokens: int = Field(500, gt=0, description="Cap on tokens per observation.")
@@ -281,6 +288,8 @@ class TrainConfig(_Section):
     prompts_per_step: int = Field(512, gt=0, description="Questions per step (x group_size rollouts).")
     mini_batch_size: int = Field(256, gt=0, description="Rollouts per optimizer mini-batch.")
     ppo_epochs: int = Field(1, gt=0, description="Passes over each step's rollouts.")
+    micro_batch_size: int = Field(32, gt=0, description="Rollouts per forward/backward (memory); results do not "
+                                  "depend on it (one global loss denominator).")
     checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints.")
     seed: int = Field(0, description="Seed.")
 

@@ -73,8 +73,17 @@ class Action:
 INVALID = Action("invalid", "")
 
 
-def build_prompt(question: str) -> str:
-    """The Search-R1 style instruction followed by `Question: {q}`; `q` is stripped and ends with `?`.
+PROMPT_TEMPLATES: dict[str, str] = {
+    "search_r1": _INSTRUCTIONS + " Question: {q}\n",
+    # Same protocol, short instruction: for a tiny model trained from scratch every prompt token costs compute
+    # in SFT, rollouts and updates, and a model that never read English gains nothing from the long version.
+    "compact": "Search with <search> query </search>, answer with <answer> answer </answer>. Question: {q}\n",
+}
+"""Prompt templates by name (`rollout.prompt_template`); `{q}` is the stripped question ending with `?`."""
+
+
+def build_prompt(question: str, template: str = "search_r1") -> str:
+    """The instruction followed by `Question: {q}`; `q` is stripped and ends with `?`.
 
     >>> build_prompt("  who wrote Hamlet ").endswith("Question: who wrote Hamlet?\\n")
     True
@@ -82,9 +91,11 @@ def build_prompt(question: str) -> str:
     q = question.strip()
     if not q:
         raise ValueError("build_prompt: empty question")
+    if template not in PROMPT_TEMPLATES:
+        raise KeyError(f"unknown prompt template {template!r}; known: {sorted(PROMPT_TEMPLATES)}")
     if not q.endswith("?"):
         q += "?"
-    return f"{_INSTRUCTIONS} Question: {q}\n"
+    return PROMPT_TEMPLATES[template].format(q=q)
 
 
 def parse_action(turn_text: str) -> Action:

@@ -49,6 +49,7 @@ class RolloutSettings:
     max_context_tokens: int = 4096
     top_k: int = 3
     use_chat_template: bool = False
+    prompt_template: str = "search_r1"
 
 
 @dataclass
@@ -126,7 +127,7 @@ class RolloutEngine:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prompt_ids(self, question: str) -> list[int]:
-        text = build_prompt(question)
+        text = build_prompt(question, self.s.prompt_template)
         if self.s.use_chat_template:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)

@@ -70,44 +70,46 @@ WORK_TITLES = ("The {a}", "{a} {b}", "Tales of {a}", "Return to {a}")
 # ----------------------------------------------------------------------------------------------------------------
 # passage layouts: kind -> ordered (slot, sentence template); sentence k always states slot k
 # ----------------------------------------------------------------------------------------------------------------
+# Only the first sentence names the subject; the rest say "They"/"It"/"Its": the title already names it, and
+# repeating a six-syllable name in every sentence doubled the tokens a tiny model must read per passage.
 LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "person": (
         ("occupation", "{n} is a {v}."),
-        ("born_in", "{n} was born in the city of {v}."),
-        ("birth_year", "{n} was born in the year {v}."),
-        ("employer", "{n} works for {v}."),
-        ("friend", "{n} is a friend of {v}."),
+        ("born_in", "They were born in the city of {v}."),
+        ("birth_year", "They were born in the year {v}."),
+        ("employer", "They work for {v}."),
+        ("friend", "They are a friend of {v}."),
     ),
     "city": (
         ("country", "{n} is a city in {v}."),
-        ("founding_year", "{n} was founded in the year {v}."),
-        ("mayor", "The mayor of {n} is {v}."),
-        ("feature", "{n} is known for its {v}."),
+        ("founding_year", "It was founded in the year {v}."),
+        ("mayor", "Its mayor is {v}."),
+        ("feature", "It is known for its {v}."),
     ),
     "country": (
         ("region", "{n} is a country in the {v} region."),
-        ("capital", "The capital of {n} is {v}."),
+        ("capital", "Its capital is {v}."),
         ("official_name", "Its official name is the {v}."),
-        ("neighbor", "{n} shares a border with {v}."),
+        ("neighbor", "It shares a border with {v}."),
     ),
     "company": (
         ("industry", "{n} is a {v} company."),
-        ("founder", "{n} was founded by {v}."),
-        ("founding_year", "{n} was founded in the year {v}."),
-        ("headquarters", "The headquarters of {n} are in {v}."),
+        ("founder", "It was founded by {v}."),
+        ("founding_year", "It was founded in the year {v}."),
+        ("headquarters", "Its headquarters are in {v}."),
     ),
     "work": (
         ("genre", "{n} is a {v}."),
-        ("creator", "{n} was created by {v}."),
-        ("release_year", "{n} was released in the year {v}."),
-        ("publisher", "{n} was published by {v}."),
+        ("creator", "It was created by {v}."),
+        ("release_year", "It was released in the year {v}."),
+        ("publisher", "It was published by {v}."),
     ),
     "event": (
         ("event_kind", "The {n} was a {v}."),
-        ("venue", "The {n} was held in {v}."),
-        ("event_year", "The {n} took place in the year {v}."),
-        ("guests", "Guests at the {n} included {v}."),
-        ("sponsor", "The {n} was sponsored by {v}."),
+        ("venue", "It was held in {v}."),
+        ("event_year", "It took place in the year {v}."),
+        ("guests", "Its guests included {v}."),
+        ("sponsor", "It was sponsored by {v}."),
     ),
 }
 KINDS: tuple[str, ...] = tuple(LAYOUTS)

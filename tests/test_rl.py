@@ -1,0 +1,149 @@
+"""The RL trainer on a real tiny model: finite updates, the NaN guard, resume == uninterrupted, 2 ranks == 1."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tspo_core.agent.backends import HFBackend
+from tspo_core.agent.rollout import RolloutEngine, RolloutSettings
+from tspo_core.config import AdvantageConfig, OptimConfig, RewardConfig, RolloutConfig, TinyModelConfig, \
+    TrainConfig
+from tspo_core.data.schema import Passage, QAExample
+from tspo_core.policy import build_tiny_model, build_tokenizer
+from tspo_core.train.checkpoint import CheckpointError
+from tspo_core.train.rl import Dist, RLSettings, RLTrainer, TrainingError
+
+SYL = ["ba", "bo", "ni", "ka", "lo", "ra", "mi", "tu"]
+WORDS = ["Search with query answer Question was born in the city of Doc Title Where"]
+CORPUS = {"Bobani": [Passage("1", '"Bobani"\nBobani was born in the city of Kalora.')],
+          "Mitu": [Passage("2", '"Mitu"\nMitu was born in the city of Tuni.')]}
+QUESTIONS = [QAExample("q0", "Where was Bobani born", ["Kalora"]), QAExample("q1", "Where was Mitu born", ["Tuni"]),
+             QAExample("q2", "Where was Bobani born", ["Kalora"]), QAExample("q3", "Where was Mitu born", ["Tuni"])]
+
+
+class DictRetriever:
+    def search(self, queries, top_k):
+        return [next((v for k, v in CORPUS.items() if k in q), [])[:top_k] for q in queries]
+
+
+def make_trainer(estimator="tspo", steps=3, world=1, rank=0, seed=0, **train_kw):
+    tok = build_tokenizer(WORDS, SYL)
+    tiny = TinyModelConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                           num_key_value_heads=2)
+    model = build_tiny_model(tiny, tok, seed=seed)
+    ref = build_tiny_model(tiny, tok, seed=seed)
+    engine = RolloutEngine(HFBackend(model, tok), tok, DictRetriever(),
+                           RolloutSettings(max_turns=2, max_new_tokens_per_turn=12, top_k=1, prompt_template="compact"))
+    cfg = RLSettings(RolloutConfig(group_size=4, temperature=1.0), RewardConfig(folr_alpha=0.5),
+                     AdvantageConfig(estimator=estimator), OptimConfig(lr=1e-2, warmup_ratio=0.0),
+                     TrainConfig(steps=steps, prompts_per_step=4, mini_batch_size=16, checkpoint_every=2,
+                                 micro_batch_size=train_kw.pop("micro_batch_size", 8), seed=seed, **train_kw))
+    return RLTrainer(model, ref, tok, engine, QUESTIONS, cfg, Dist(rank, world))
+
+
+def params_of(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_steps_are_finite_change_parameters_and_log_everything():
+    tr = make_trainer(steps=2)
+    before = params_of(tr)
+    rec = tr.train_step()
+    for key in ("reward_mean", "em", "folr_share", "zero_var_share_o", "zero_var_share_s", "complete_success",
+                "near_miss", "success_without_retrieval", "complete_failure", "kl", "entropy", "clip_frac",
+                "response_tokens", "turns", "searches", "step_s", "loss", "grad_norm"):
+        assert key in rec and math.isfinite(rec[key]), key
+    after = params_of(tr)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert rec["zero_var_share_s"] <= rec["zero_var_share_o"]
+
+
+def test_micro_batch_size_does_not_change_the_update():
+    a, b = make_trainer(micro_batch_size=16), make_trainer(micro_batch_size=3)
+    exp = a.collect(0)
+    a.update(exp)
+    b.update(exp)
+    pa, pb = params_of(a), params_of(b)
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
+
+
+def test_nonfinite_loss_is_skipped_and_parameters_stay_finite():
+    tr = make_trainer()
+    exp = tr.collect(0)
+    exp.advantages[exp.batch.tensors.policy_mask.bool()] = float("nan")
+    before = params_of(tr)
+    metrics = tr.update(exp)
+    assert metrics["skipped_nonfinite"] == 1
+    after = params_of(tr)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+    full = make_trainer(steps=4)
+    full.fit(tmp_path / "full")
+    # crash after step 2 (the checkpoint of step 2 is on disk), then a fresh process resumes
+    part = make_trainer(steps=4)
+    part.cfg = part.cfg.__class__(**{**part.cfg.__dict__, "train": part.cfg.train.model_copy(update={"steps": 2})})
+    part.fit(tmp_path / "part")
+    resumed = make_trainer(steps=4, seed=0)
+    resumed.fit(tmp_path / "part")
+    assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in full.history]
+    pf, pr = params_of(full), params_of(resumed)
+    assert all(torch.equal(pf[k], pr[k]) for k in pf)
+
+
+def test_resume_from_a_broken_checkpoint_fails_loudly(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(ck)):
+        make_trainer().fit(ck)
+
+
+def test_a_run_where_every_step_is_skipped_is_an_error(tmp_path, monkeypatch):
+    tr = make_trainer(steps=1)
+    real = tr.update
+
+    def poisoned(exp):
+        exp.advantages[:] = float("inf")
+        return real(exp)
+
+    monkeypatch.setattr(tr, "update", poisoned)
+    with pytest.raises(TrainingError, match="no optimizer step"):
+        tr.fit(tmp_path / "ck")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WORKER = Path(__file__).with_name("_rl_ddp_worker.py")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """torchrun-style gloo run on CPU: each rank updates on its half of the same rollouts; the parameters after
+    one step equal the single-process update on the whole batch."""
+    single = make_trainer()
+    exp = single.collect(0)
+    torch.save(exp, tmp_path / "exp.pt")
+    single.update(exp)
+    torch.save(params_of(single), tmp_path / "single.pt")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env={**env, "RANK": str(r)})
+             for r in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    single_p = torch.load(tmp_path / "single.pt")
+    for r in range(2):
+        ranked = torch.load(tmp_path / f"rank{r}.pt")
+        assert all(torch.allclose(single_p[k], ranked[k], atol=1e-6) for k in single_p), r

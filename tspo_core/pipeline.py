@@ -1,0 +1,84 @@
+"""Building blocks shared by the stage drivers: the retriever, the policy, the rollout engine, dataset files.
+
+Each takes the config sections it needs; the stage drivers (`train.sft.run_sft`, `train.rl.run_rl`, ...) compose
+them, and the Prefect flows only call the drivers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tspo_core.agent.backends import HFBackend, VLLMBackend
+from tspo_core.agent.protocol import INVALID_ACTION_MESSAGE, PROMPT_TEMPLATES
+from tspo_core.agent.rollout import RolloutEngine, RolloutSettings
+from tspo_core.config import ModelConfig, PathsConfig, RetrievalConfig, RolloutConfig
+from tspo_core.data.loaders import load_flashrag_jsonl
+from tspo_core.data.schema import QAExample
+from tspo_core.errors import ConfigError, DataError
+from tspo_core.policy import build_tiny_model, build_tokenizer, load_policy
+
+
+def open_retriever(retrieval: RetrievalConfig, paths: PathsConfig):
+    """In-process search over the built index, or the HTTP client for a running server (`retrieval.mode`)."""
+    if retrieval.mode == "http":
+        from tspo_core.retrieval.client import HttpRetriever
+
+        return HttpRetriever(retrieval.url, timeout=retrieval.timeout_s, retries=retrieval.retries,
+                             backoff=retrieval.backoff_s)
+    from tspo_core.retrieval.retriever import load_retriever
+
+    return load_retriever(paths.index_dir)
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_policy(model: ModelConfig, paths: PathsConfig, seed: int = 0):
+    """(model, tokenizer) to start SFT from: the tiny Qwen2 with a tokenizer over the world's lexicon when
+    `model.name_or_path` is null, else the named checkpoint."""
+    if model.name_or_path is not None:
+        return load_policy(model.name_or_path, model, device())
+    lexicon_file = Path(paths.data_dir) / "lexicon.json"
+    if not lexicon_file.is_file():
+        raise ConfigError(f"{lexicon_file}: missing; the tiny model (model.name_or_path: null) needs the synthetic "
+                          "world's lexicon. Set model.name_or_path to a checkpoint to train on real data.")
+    lexicon = json.loads(lexicon_file.read_text(encoding="utf-8"))
+    protocol_text = [*PROMPT_TEMPLATES.values(), INVALID_ACTION_MESSAGE, "Doc Title information"]
+    tokenizer = build_tokenizer(lexicon["words"] + protocol_text, lexicon["syllables"])
+    return build_tiny_model(model.tiny, tokenizer, seed=seed).to(device()), tokenizer
+
+
+def rollout_settings(rollout: RolloutConfig, retrieval: RetrievalConfig, model: ModelConfig) -> RolloutSettings:
+    return RolloutSettings(max_turns=rollout.max_turns, max_new_tokens_per_turn=rollout.max_new_tokens_per_turn,
+                           max_obs_tokens=rollout.max_obs_tokens, max_context_tokens=rollout.max_context_tokens,
+                           top_k=retrieval.top_k, use_chat_template=model.use_chat_template,
+                           prompt_template=rollout.prompt_template)
+
+
+def make_engine(policy, tokenizer, retriever, rollout: RolloutConfig, retrieval: RetrievalConfig,
+                model: ModelConfig, checkpoint: str | None = None) -> RolloutEngine:
+    """The rollout engine over the configured backend (`rollout.backend`: hf, or vllm from `checkpoint`)."""
+    if rollout.backend == "vllm":
+        if checkpoint is None:
+            raise ConfigError("rollout.backend = vllm needs a saved checkpoint directory to load")
+        backend = VLLMBackend.from_pretrained(checkpoint, dtype=model.dtype)
+    else:
+        backend = HFBackend(policy, tokenizer)
+    return RolloutEngine(backend, tokenizer, retriever, rollout_settings(rollout, retrieval, model))
+
+
+def load_split(data_dir: str | Path, name: str, split: str) -> list[QAExample]:
+    """`data_dir/<name>/<split>.jsonl`; an absent or empty file gives []."""
+    path = Path(data_dir) / name / f"{split}.jsonl"
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    try:
+        return load_flashrag_jsonl(path)
+    except DataError as err:
+        if "no records" in str(err):
+            return []
+        raise

@@ -1,0 +1,1 @@
+"""Training: SFT warmup on oracle trajectories and the TSPO/GRPO RL loop."""

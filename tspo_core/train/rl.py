@@ -1,0 +1,344 @@
+"""RL for search agents: TSPO (default) or GRPO, one loop, the estimator picked from the registry by name.
+
+Algorithm, per step (TSPO.md, REFERENCE.md "Reference training settings"):
+1. Sample `prompts_per_step` training questions (a pure function of the seed and the step, so a resumed run sees
+   the same questions); each rank takes its share. Group ids are global question indices, made before the G-fold
+   repeat, so groups never merge across questions or ranks.
+2. G rollouts per question with the rollout engine (temperature `rollout.temperature`); rollout log-probs kept.
+3. Rewards: outcome o = EM of the final answer (+ optional format bonus); FOLR first-occurrence turn f from the
+   observation text only; categories and zero-variance group shares are logged.
+4. Advantages (B, T) from `advantage.estimator` (`grpo`, `grpo_folr`, `tspo`, ...), zero off the policy mask.
+5. PPO-clip against the rollout log-probs + k3 KL to the frozen reference (the SFT checkpoint), token-mean by
+   default; micro-batched with one global denominator, so the result does not depend on micro-batch size or on the
+   number of ranks (gradients are summed across ranks with all-reduce).
+6. A non-finite loss or gradient skips the optimizer step (logged as `skipped_nonfinite`); parameters stay finite.
+
+Plumbing: linear warmup (`optim.warmup_ratio`) then constant LR, as in Search-R1's verl setting; checkpoints with
+optimizer, scheduler and RNG states every `train.checkpoint_every` steps (atomic); `fit` resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tspo_core.agent.advantages import get_advantage
+from tspo_core.agent.diagnostics import category_shares, group_diagnostics
+from tspo_core.agent.losses import entropy_loss, policy_loss
+from tspo_core.agent.rewards import first_occurrence_turn, format_reward, outcome_reward
+from tspo_core.agent.rollout import RolloutBatch, RolloutEngine
+from tspo_core.config import AdvantageConfig, OptimConfig, RewardConfig, RolloutConfig, TrainConfig
+from tspo_core.data.schema import QAExample
+from tspo_core.errors import ConfigError, TSPOError
+from tspo_core.train.checkpoint import CheckpointError, load_trainer_state, rng_state, save_checkpoint, \
+    set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(TSPOError):
+    """The run cannot go on (e.g. it would train zero steps, or every step was skipped)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# algorithm: rewards -> advantages
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Experience:
+    batch: RolloutBatch
+    outcome: torch.Tensor  # (B,) float: EM (+ format bonus)
+    em: torch.Tensor  # (B,) float: EM alone
+    first_occurrence: torch.Tensor  # (B,) long, -1 = the answer never appeared in an observation
+    advantages: torch.Tensor  # (B, T) float, 0 off the policy mask
+
+
+def score(batch: RolloutBatch, reward: RewardConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(outcome, em, first_occurrence) per rollout, from the final answer and the observation text only."""
+    em, outcome, first = [], [], []
+    for r in batch.rollouts:
+        golds = r.example.golden_answers
+        o = outcome_reward(r.answer, golds)
+        em.append(o)
+        outcome.append(o + (format_reward(r.turns, reward.format_bonus) if reward.format_bonus else 0.0))
+        f = first_occurrence_turn(r.observations, golds)
+        first.append(-1 if f is None else f)
+    return (torch.tensor(outcome, dtype=torch.float32), torch.tensor(em, dtype=torch.float32),
+            torch.tensor(first, dtype=torch.long))
+
+
+def make_experience(batch: RolloutBatch, reward: RewardConfig, advantage: AdvantageConfig) -> Experience:
+    outcome, em, first = score(batch, reward)
+    t = batch.tensors
+    adv = get_advantage(advantage.estimator)(outcome=outcome, first_occurrence=first, group_ids=batch.group_ids,
+                                             turn_index=t.turn_index, policy_mask=t.policy_mask,
+                                             alpha=reward.folr_alpha, eps=advantage.eps)
+    return Experience(batch, outcome, em, first, adv)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logp[:, t] = log p(ids[t] | ids[<t]) at the sampling temperature, (B, T); column 0 is 0 (no context)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    pad = torch.zeros_like(logp[:, :1])
+    entropy = None
+    if with_entropy:
+        entropy = torch.cat([pad, -(logp_all.exp() * logp_all).sum(-1)], dim=1)
+    return torch.cat([pad, logp], dim=1), entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plumbing: distributed helpers
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RLSettings:
+    rollout: RolloutConfig
+    reward: RewardConfig
+    advantage: AdvantageConfig
+    optim: OptimConfig
+    train: TrainConfig
+
+
+class RLTrainer:
+    def __init__(self, model, ref_model, tokenizer, engine: RolloutEngine, questions: Sequence[QAExample],
+                 cfg: RLSettings, dist: Dist = Dist()):
+        if not questions:
+            raise TrainingError("RL training set is empty")
+        self.model, self.ref, self.tok, self.engine, self.cfg, self.dist = (model, ref_model, tokenizer, engine,
+                                                                           cfg, dist)
+        self.questions = list(questions)
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        warmup = int(o.warmup_ratio * cfg.train.steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
+        self.step = 0
+        self.history: list[dict] = []
+        if ref_model is not None:
+            ref_model.eval()
+            for p in ref_model.parameters():
+                p.requires_grad_(False)
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def questions_for(self, step: int) -> tuple[list[QAExample], int]:
+        """This rank's questions for `step` and the global index of its first one (its group-id offset)."""
+        P = self.cfg.train.prompts_per_step
+        rng = random.Random(self.cfg.train.seed * 1_000_003 + step)
+        chosen = [self.questions[i] for i in rng.sample(range(len(self.questions)), min(P, len(self.questions)))]
+        per_rank = math.ceil(len(chosen) / self.dist.world)
+        start = self.dist.rank * per_rank
+        return chosen[start:start + per_rank], step * P + start
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def collect(self, step: int) -> Experience:
+        questions, offset = self.questions_for(step)
+        torch.manual_seed(self.cfg.train.seed * 7919 + step * 104_729 + self.dist.rank)
+        self.model.eval()
+        batch = self.engine.run(questions, self.cfg.rollout.group_size, self.cfg.rollout.temperature,
+                                self.cfg.rollout.top_p, group_offset=offset)
+        return make_experience(batch, self.cfg.reward, self.cfg.advantage)
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """PPO epochs over mini-batches of the experience; returns mean loss metrics and the step flags."""
+        o, tcfg = self.cfg.optim, self.cfg.train
+        t, B = exp.batch.tensors, len(exp.batch.rollouts)
+        temp = self.cfg.rollout.temperature
+        device = next(self.model.parameters()).device
+        n_mini = max(1, round(B * self.dist.world / tcfg.mini_batch_size))
+        bounds = [round(i * B / n_mini) for i in range(n_mini + 1)]
+        ref_logp = None
+        if self.ref is not None and o.kl_coef > 0:
+            with torch.no_grad():
+                ref_logp = torch.cat([token_logprobs(self.ref, t.input_ids[i:j].to(device),
+                                                     t.attention_mask[i:j].to(device), temp)[0].cpu()
+                                      for i, j in self._micro(0, B)])
+        sums: dict[str, float] = {}
+        skipped = 0
+        self.model.train()
+        for _ in range(tcfg.ppo_epochs):
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                mask = t.policy_mask[lo:hi]
+                local = (mask.sum() if o.loss_agg == "token-mean" else (mask.sum(1) > 0).sum()).double()
+                denom = float(self.dist.all_sum(local.clone()).clamp(min=1))
+                self.opt.zero_grad(set_to_none=True)
+                metrics_acc: dict[str, float] = {}
+                for i, j in self._micro(lo, hi):
+                    ids, attn = t.input_ids[i:j].to(device), t.attention_mask[i:j].to(device)
+                    logp, ent = token_logprobs(self.model, ids, attn, temp, with_entropy=True)
+                    loss, m = policy_loss(
+                        logp, exp.batch.logprobs[i:j].to(device), exp.advantages[i:j].to(device),
+                        t.policy_mask[i:j].to(device), ref_logp=None if ref_logp is None else ref_logp[i:j].to(device),
+                        entropy=ent.detach(), clip_ratio=o.clip_ratio, kl_coef=o.kl_coef,
+                        entropy_coef=0.0, agg=o.loss_agg, denominator=denom)
+                    if o.entropy_coef:
+                        e_loss, _ = entropy_loss(ent, t.policy_mask[i:j].to(device), agg=o.loss_agg,
+                                                 denominator=denom)
+                        loss = loss + o.entropy_coef * e_loss
+                    loss.backward()
+                    for k, v in m.items():
+                        metrics_acc[k] = metrics_acc.get(k, 0.0) + v * (j - i) / (hi - lo)
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                for g in grads:
+                    self.dist.all_sum(g)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+                finite = torch.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics_acc.values())
+                finite = bool(self.dist.all_sum(torch.tensor(0.0 if finite else 1.0)) == 0)
+                if finite:
+                    self.opt.step()
+                else:
+                    skipped += 1
+                    log.warning("step %d: non-finite loss or gradient, optimizer step skipped", self.step)
+                    self.opt.zero_grad(set_to_none=True)
+                metrics_acc["grad_norm"] = float(grad_norm)
+                for k, v in metrics_acc.items():
+                    sums[k] = sums.get(k, 0.0) + v / (n_mini * tcfg.ppo_epochs)
+        if skipped < n_mini * tcfg.ppo_epochs:  # a fully skipped step does not advance the schedule
+            self.sched.step()
+        sums["skipped_nonfinite"] = float(skipped)
+        sums["lr"] = self.sched.get_last_lr()[0]
+        return sums
+
+    def _micro(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        mb = self.cfg.train.micro_batch_size
+        return [(i, min(i + mb, hi)) for i in range(lo, hi, mb)]
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.monotonic()
+        exp = self.collect(self.step)
+        t_roll = time.monotonic() - t0
+        metrics = self.update(exp)
+        stats = exp.batch.stats()
+        diag = group_diagnostics(exp.outcome, exp.first_occurrence, exp.batch.group_ids, self.cfg.reward.folr_alpha)
+        cats = category_shares(exp.first_occurrence, exp.em)
+        rec = {"step": self.step + 1, "reward_mean": exp.outcome.mean().item(), "em": exp.em.mean().item(),
+               "folr_share": (exp.first_occurrence >= 0).float().mean().item(), **diag, **cats,
+               **{k: metrics[k] for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "lr",
+                                          "skipped_nonfinite") if k in metrics},
+               "response_tokens": stats["response_tokens_mean"], "turns": stats["turns_mean"],
+               "searches": stats["searches_mean"], "invalid_rate": stats["invalid_action_rate"],
+               "rollout_s": round(t_roll, 3), "step_s": round(time.monotonic() - t0, 3)}
+        self.step += 1
+        self.history.append(rec)
+        return rec
+
+    # -- checkpoints and the loop -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "rng": rng_state()}
+
+    def save(self, path: str | Path) -> None:
+        if self.dist.rank == 0:
+            save_checkpoint(path, self.model, self.tok, self.state(), self.history)
+
+    def resume(self, path: str | Path) -> None:
+        """Load model weights, optimizer, scheduler, RNG and history from a checkpoint written by `save`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state, history = load_trainer_state(path)
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise CheckpointError(f"{path}: no model weights to resume from")
+        sd = {}
+        for w in weights:
+            sd.update(load_file(str(w)))
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.history = state["step"], history
+
+    def fit(self, ckpt_dir: str | Path, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+        """Train to `train.steps`, resuming from `ckpt_dir` when it holds a checkpoint; returns the history."""
+        ckpt_dir = Path(ckpt_dir)
+        if (ckpt_dir / "trainer_state.pt").exists():
+            self.resume(ckpt_dir)
+            log.info("resumed from %s at step %d", ckpt_dir, self.step)
+        total = self.cfg.train.steps
+        while self.step < total:
+            rec = self.train_step()
+            if on_step:
+                on_step(rec)
+            if self.step % self.cfg.train.checkpoint_every == 0 or self.step == total:
+                self.save(ckpt_dir)
+        trained = sum(1 for h in self.history if not h.get("skipped_nonfinite"))
+        if trained == 0:
+            raise TrainingError(f"no optimizer step succeeded in {total} steps (all skipped as non-finite)")
+        return self.history
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage driver
+# ----------------------------------------------------------------------------------------------------------------
+def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict], None] | None = None,
+           dist: Dist = Dist()) -> list[dict]:
+    """Stage `train@<estimator>`: RL from the SFT checkpoint (policy and frozen reference) on `rl_train.jsonl`.
+
+    `out_dir/checkpoint` holds the last checkpoint (resumed from when present); `out_dir/model` the final model.
+    """
+    import shutil
+
+    from tspo_core.config import AdvantageConfig
+    from tspo_core.data.loaders import load_flashrag_jsonl
+    from tspo_core.io import atomic_dir
+    from tspo_core.pipeline import device, make_engine, open_retriever
+    from tspo_core.policy import load_policy
+
+    if params.rollout.backend == "vllm":
+        raise ConfigError("rollout.backend = vllm is not supported for RL training yet: the vLLM engine would need "
+                          "the policy weights synced after every update. Use `hf` for training (vLLM works for "
+                          "evaluation, where weights are fixed).")
+    out_dir = Path(out_dir)
+    sft_dir = Path(params.paths.sft_dir)
+    policy, tokenizer = load_policy(sft_dir, params.model, device())
+    ref = load_policy(sft_dir, params.model, device())[0] if params.optim.kl_coef > 0 else None
+    questions = load_flashrag_jsonl(Path(params.paths.data_dir) / "rl_train.jsonl")
+    retriever = open_retriever(params.retrieval, params.paths)
+    engine = make_engine(policy, tokenizer, retriever, params.rollout, params.retrieval, params.model,
+                         checkpoint=str(sft_dir))
+    adv = AdvantageConfig(**{**params.advantage.model_dump(), "estimator": estimator})
+    cfg = RLSettings(params.rollout, params.reward, adv, params.optim, params.train)
+    trainer = RLTrainer(policy, ref, tokenizer, engine, questions, cfg, dist)
+    history = trainer.fit(out_dir / "checkpoint", on_step=on_step)
+    if dist.rank == 0:
+        with atomic_dir(out_dir / "model") as tmp:
+            for f in (out_dir / "checkpoint").iterdir():
+                if f.is_file() and f.name not in ("trainer_state.pt",):
+                    shutil.copy2(f, tmp / f.name)
+    return history
