@@ -9,6 +9,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Idle torch/OpenMP threads otherwise spin while waiting, which starves the other process on a shared 2-core box.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install test test-fast repro clean-outputs
 

@@ -187,9 +187,10 @@ class RetrievalConfig(_Section):
     timeout_s: float = Field(30.0, gt=0, description="Client timeout per request.")
     retries: int = Field(5, ge=0, description="Client retries on connection errors and 5xx.")
     backoff_s: float = Field(0.5, gt=0, description="Client initial backoff (doubles each retry).")
-    batch_wait_ms: float = Field(0.0, ge=0, description="Server micro-batching: extra wait for more requests "
-                                 "before searching (0: search at once; requests arriving meanwhile form the next "
-                                 "batch).")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="Server micro-batching: after answering a "
+                                 "batch of n requests, wait up to this long for n new requests before searching "
+                                 "again, so concurrent clients share batches (0: never wait). A lone sequential "
+                                 "client is not delayed.")
     max_batch_queries: int = Field(512, gt=0, description="Server micro-batching: most queries searched in one "
                                    "batch (a larger single request is still searched whole).")
 

@@ -1,0 +1,340 @@
+"""Search-R1 compatible retrieval server (FastAPI).
+
+- `POST /retrieve` `{"queries": [str, ...], "topk": int, "return_scores": bool}` ->
+  `{"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}`; without scores each entry is the
+  bare document `{"id", "contents"}`. `topk` defaults to `retrieval.top_k`. An empty query list gives
+  `{"result": []}`. Limits (`retrieval.max_queries`, `max_query_chars`, `1 <= topk <= max_top_k`) answer 422.
+- `GET /health`: the index card. `GET /stats`: micro-batching counters.
+
+Micro-batching: requests are queued; one worker searches everything queued as one batch (one encoder forward,
+one index search), then answers each request with its own slice. Requests that arrive while a batch is being
+searched form the next batch. After answering a batch of n requests the worker waits up to
+`retrieval.batch_wait_ms` for n more to arrive (the clients it just answered usually send their next request at
+once), so concurrent clients converge to one shared batch instead of alternating half-size ones. A lone
+sequential client is never delayed by this: the request the worker waits for is its own next one.
+
+There is no authentication and no TLS. The CLI binds 127.0.0.1 by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+
+from tspo_core.config import RetrievalConfig
+from tspo_core.retrieval.base import Hit, RetrievalError, Retriever
+from tspo_core.retrieval.retriever import passages_to_json
+
+log = logging.getLogger(__name__)
+
+try:  # faster replies when orjson is installed (it usually is, via FastAPI/Prefect dependencies)
+    import orjson
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+except ImportError:  # pragma: no cover
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Request limits and batching settings (from `RetrievalConfig`)."""
+
+    max_queries: int = 512
+    max_query_chars: int = 2048
+    max_top_k: int = 100
+    default_top_k: int = 3
+    batch_wait_ms: float = 2.0
+    max_batch_queries: int = 512
+
+    @classmethod
+    def from_config(cls, cfg: RetrievalConfig) -> "ServerLimits":
+        return cls(max_queries=cfg.max_queries, max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
+                   default_top_k=min(cfg.top_k, cfg.max_top_k), batch_wait_ms=cfg.batch_wait_ms,
+                   max_batch_queries=cfg.max_batch_queries)
+
+    @property
+    def max_body_bytes(self) -> int:
+        # every query at its longest, 6 bytes per escaped character, plus JSON punctuation
+        return self.max_queries * (self.max_query_chars * 6 + 8) + 64 * 1024
+
+
+class RetrieveRequest(BaseModel):
+    """The Search-R1 request body (unknown keys are ignored, as their server does)."""
+
+    model_config = ConfigDict(extra="ignore")
+    queries: list[StrictStr]
+    topk: StrictInt | None = None
+    return_scores: StrictBool = False
+
+
+@dataclass
+class _Job:
+    queries: list[str]
+    top_k: int
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Greedy micro-batching of concurrent searches on one worker thread (see the module docstring)."""
+
+    def __init__(self, retriever: Retriever, limits: ServerLimits):
+        self.retriever, self.limits = retriever, limits
+        self._pending: deque[_Job] = deque()
+        self._running = False
+        self._task: asyncio.Task | None = None
+        self._arrived: asyncio.Event | None = None  # set whenever a request is queued
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
+        self.stats = {"requests": 0, "queries": 0, "batches": 0, "largest_batch_requests": 0,
+                      "largest_batch_queries": 0, "errors": 0}
+
+    async def submit(self, queries: list[str], top_k: int) -> list[list[Hit]]:
+        loop = asyncio.get_running_loop()
+        job = _Job(queries, top_k, loop.create_future())
+        self._pending.append(job)
+        if self._arrived is not None:
+            self._arrived.set()
+        if not self._running:
+            self._running = True
+            self._task = loop.create_task(self._drain())
+        return await job.future
+
+    def _take(self) -> list[_Job]:
+        jobs = [self._pending.popleft()]
+        n = len(jobs[0].queries)
+        while self._pending and n + len(self._pending[0].queries) <= self.limits.max_batch_queries:
+            n += len(self._pending[0].queries)
+            jobs.append(self._pending.popleft())
+        return jobs
+
+    async def _gather(self, expected: int) -> None:
+        """Wait (at most `batch_wait_ms`) until `expected` more requests are queued, or the batch is full."""
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        target = len(self._pending) + expected
+        deadline = loop.time() + self.limits.batch_wait_ms / 1000.0
+        while len(self._pending) < target and \
+                sum(len(j.queries) for j in self._pending) < self.limits.max_batch_queries:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
+            except TimeoutError:
+                return
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        answered = 0  # requests answered by the previous batch: their clients may be about to send again
+        try:
+            while True:
+                if answered and self.limits.batch_wait_ms > 0:
+                    await self._gather(answered)
+                if not self._pending:
+                    break
+                await asyncio.sleep(0)  # let requests already received join
+                jobs = [j for j in self._take() if not j.future.done()]  # done: the client went away
+                answered = len(jobs)
+                if not jobs:
+                    continue
+                queries = [q for j in jobs for q in j.queries]
+                top_k = max(j.top_k for j in jobs)
+                self.stats["batches"] += 1
+                self.stats["requests"] += len(jobs)
+                self.stats["queries"] += len(queries)
+                self.stats["largest_batch_requests"] = max(self.stats["largest_batch_requests"], len(jobs))
+                self.stats["largest_batch_queries"] = max(self.stats["largest_batch_queries"], len(queries))
+                try:
+                    results = await loop.run_in_executor(self._executor, self.retriever.search_with_scores,
+                                                         queries, top_k)
+                    if len(results) != len(queries):
+                        raise RetrievalError(f"retriever returned {len(results)} result lists for "
+                                             f"{len(queries)} queries")
+                except Exception as err:  # every waiting request gets the error; the worker carries on
+                    self.stats["errors"] += 1
+                    log.exception("search failed for a batch of %d queries", len(queries))
+                    for j in jobs:
+                        if not j.future.done():
+                            j.future.set_exception(err)
+                    continue
+                pos = 0
+                for j in jobs:
+                    part = results[pos:pos + len(j.queries)]
+                    pos += len(j.queries)
+                    if not j.future.done():
+                        j.future.set_result([hits[:j.top_k] for hits in part])
+        finally:
+            self._running = False
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def create_app(retriever: Retriever, card: dict[str, Any] | None = None,
+               limits: ServerLimits | RetrievalConfig | None = None) -> Any:
+    """The FastAPI app serving `retriever` (see the module docstring). `card` is what `/health` returns (default:
+    `retriever.card`); `limits` a `ServerLimits` or a `RetrievalConfig` (default: `RetrievalConfig()`'s)."""
+    if limits is None:
+        limits = ServerLimits.from_config(RetrievalConfig())
+    elif isinstance(limits, RetrievalConfig):
+        limits = ServerLimits.from_config(limits)
+    card = dict(card if card is not None else getattr(retriever, "card", {}) or {})
+    batcher = MicroBatcher(retriever, limits)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        yield
+        batcher.close()
+
+    app = FastAPI(title="TSPO retrieval server (Search-R1 API)", lifespan=lifespan,
+                  description="No authentication: keep it on loopback or a private network.")
+    app.state.batcher, app.state.limits, app.state.retriever = batcher, limits, retriever
+    max_body = limits.max_body_bytes
+
+    def reply(obj: Any, status: int = 200) -> Response:
+        return Response(_dumps(obj), status_code=status, media_type="application/json")
+
+    def reject(msg: str) -> Response:
+        return reply({"detail": msg}, 422)
+
+    # The body is read and validated here rather than by a FastAPI body parameter: pydantic's JSON parser is
+    # strict and fast, the size cap applies while reading, and an error reply never echoes the input (FastAPI's
+    # default would, and 1e400 -> inf is not JSON-encodable). The schema still appears in the OpenAPI docs.
+    @app.post("/retrieve", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": RetrieveRequest.model_json_schema()}}}})
+    async def retrieve(request: Request) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return reply({"detail": f"request body over {max_body} bytes" if length.isdigit()
+                          else "invalid Content-Length"}, 413 if length.isdigit() else 400)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                return reply({"detail": f"request body over {max_body} bytes"}, 413)
+            chunks.append(chunk)
+        try:
+            req = RetrieveRequest.model_validate_json(b"".join(chunks))
+        except ValidationError as err:
+            return reply({"detail": [{"type": e["type"], "loc": [p if isinstance(p, int) else str(p)
+                                                                 for p in e["loc"]], "msg": e["msg"]}
+                                     for e in err.errors(include_url=False)]}, 422)
+        top_k = limits.default_top_k if req.topk is None else req.topk
+        if not 1 <= top_k <= limits.max_top_k:
+            return reject(f"topk must be between 1 and {limits.max_top_k}, got {top_k}")
+        if len(req.queries) > limits.max_queries:
+            return reject(f"{len(req.queries)} queries in one request; the limit is {limits.max_queries}")
+        for i, q in enumerate(req.queries):
+            if len(q) > limits.max_query_chars:
+                return reject(f"query {i} has {len(q)} characters; the limit is {limits.max_query_chars}")
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError:
+                return reject(f"query {i} is not valid Unicode text (lone surrogate)")
+        if not req.queries:
+            return reply({"result": []})
+        try:
+            hits = await batcher.submit(req.queries, top_k)
+        except Exception as err:
+            return reply({"detail": f"retrieval failed: {type(err).__name__}: {err}"}, 500)
+        return reply({"result": [passages_to_json(h, req.return_scores) for h in hits]})
+
+    @app.get("/health")
+    async def health() -> Response:
+        return reply(card)
+
+    @app.get("/stats")
+    async def stats() -> Response:
+        return reply(dict(batcher.stats))
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = RetrievalConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m tspo_core.retrieval.server",
+        description="Serve a built index over the Search-R1 retrieval API: POST /retrieve {queries, topk, "
+                    "return_scores}; GET /health returns the index card. WARNING: the server has NO "
+                    "AUTHENTICATION and no TLS; anyone who can reach the port can query it. It binds 127.0.0.1 "
+                    "by default; bind another address only on a trusted private network.")
+    p.add_argument("--index", required=True, help="Index directory written by build_index (holds index_card.json).")
+    p.add_argument("--host", default=None, help=f"Bind address (default {defaults.host}, loopback only).")
+    p.add_argument("--port", type=int, default=None, help=f"Port (default {defaults.port}).")
+    p.add_argument("--params", default=None, help="params.yaml to read the `retrieval:` limits and batching "
+                   "settings from (default: built-in defaults).")
+    p.add_argument("--device", default=None, help="Query encoder device: auto, cpu, cuda (dense indexes).")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="Log every request (off by default: it costs "
+                   "throughput).")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning. On a CPU shared with other busy processes, spinning torch
+    # threads wait on descheduled siblings: measured on the 2-core test machine under load, one query took
+    # ~300 ms with the default policy and ~10 ms with PASSIVE. Only effective before torch is first imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.params:
+        from tspo_core.config import load_params
+
+        cfg = load_params(args.params).retrieval
+    else:
+        cfg = RetrievalConfig()
+    host = args.host or cfg.host
+    port = cfg.port if args.port is None else args.port
+    if not _is_loopback(host):
+        log.warning("binding %s: this server has no authentication; make sure the network is trusted", host)
+
+    import uvicorn
+
+    from tspo_core.retrieval.retriever import load_retriever
+
+    try:
+        retriever = load_retriever(args.index, device=args.device)
+    except RetrievalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    app = create_app(retriever, getattr(retriever, "card", None), cfg)
+    log.info("serving %s (%s, %s passages) on http://%s:%d", args.index, retriever.card.get("index_type"),
+             retriever.card.get("num_passages"), host, port)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.access_log)
+    finally:
+        retriever.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
