@@ -55,13 +55,18 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def main(flow: Callable[..., Any], description: str) -> None:
-    """`python -m flows.<stage> --params params.yaml`: exits 2 with the error's message on bad input."""
+def main(flow: Callable[..., Any], description: str, options: Mapping[str, dict] | None = None) -> None:
+    """`python -m flows.<stage> --params params.yaml [--option value ...]`: exits 2 with the error's message on bad
+    input. `options` maps extra flag names (e.g. "--estimator") to argparse keyword arguments; their values are
+    passed to the flow as keyword arguments (dashes become underscores)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args()
+    for flag, kwargs in (options or {}).items():
+        parser.add_argument(flag, **kwargs)
+    args = vars(parser.parse_args())
+    params_path = args.pop("params")
     try:
-        flow(params_path=args.params)
+        flow(params_path=params_path, **args)
     except TSPOError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -147,3 +147,14 @@ def test_two_processes_match_one_process(tmp_path):
     for r in range(2):
         ranked = torch.load(tmp_path / f"rank{r}.pt")
         assert all(torch.allclose(single_p[k], ranked[k], atol=1e-6) for k in single_p), r
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
+    first = make_trainer(steps=2)
+    first.fit(tmp_path / "ck")
+    other = make_trainer(steps=2, estimator="grpo")  # a changed param: DVC reruns the stage over a persisted out
+    other.fit(tmp_path / "ck")
+    assert [h["step"] for h in other.history] == [1, 2]  # trained afresh, not "already finished"
+    same = make_trainer(steps=2, estimator="grpo")
+    same.fit(tmp_path / "ck")  # same settings: resumes at the end, trains nothing more
+    assert same.history == other.history

@@ -19,9 +19,12 @@ optimizer, scheduler and RNG states every `train.checkpoint_every` steps (atomic
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -135,12 +138,13 @@ class RLSettings:
 
 class RLTrainer:
     def __init__(self, model, ref_model, tokenizer, engine: RolloutEngine, questions: Sequence[QAExample],
-                 cfg: RLSettings, dist: Dist = Dist()):
+                 cfg: RLSettings, dist: Dist = Dist(), start_id: str = ""):
         if not questions:
             raise TrainingError("RL training set is empty")
         self.model, self.ref, self.tok, self.engine, self.cfg, self.dist = (model, ref_model, tokenizer, engine,
                                                                            cfg, dist)
         self.questions = list(questions)
+        self.start_id = start_id  # identifies the starting checkpoint (part of the fingerprint)
         o = cfg.optim
         self.opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         warmup = int(o.warmup_ratio * cfg.train.steps)
@@ -255,8 +259,15 @@ class RLTrainer:
         return rec
 
     # -- checkpoints and the loop -----------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the run's settings (and the starting weights' shapes); stored in every checkpoint."""
+        blob = json.dumps({**{k: v.model_dump(mode="json") for k, v in self.cfg.__dict__.items()},
+                           "start": self.start_id}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def state(self) -> dict:
-        return {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+        return {"step": self.step, "fingerprint": self.fingerprint, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "rng": rng_state()}
 
     def save(self, path: str | Path) -> None:
@@ -284,17 +295,25 @@ class RLTrainer:
         set_rng_state(state["rng"])
         self.step, self.history = state["step"], history
 
-    def fit(self, ckpt_dir: str | Path, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-        """Train to `train.steps`, resuming from `ckpt_dir` when it holds a checkpoint; returns the history."""
+    def fit(self, ckpt_dir: str | Path, on_step: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
+        """Train to `train.steps`, resuming from `ckpt_dir` when it holds a checkpoint; returns the history.
+        `on_step(record, history)` is called after every step with the full history so far (resumed steps too)."""
         ckpt_dir = Path(ckpt_dir)
         if (ckpt_dir / "trainer_state.pt").exists():
-            self.resume(ckpt_dir)
-            log.info("resumed from %s at step %d", ckpt_dir, self.step)
+            stored = load_trainer_state(ckpt_dir)[0].get("fingerprint")
+            if stored != self.fingerprint:
+                # DVC keeps this output across runs (persist: true, for crash recovery); a checkpoint of other
+                # settings is a different run, never a starting point.
+                log.warning("%s holds a checkpoint of different settings; starting a fresh run", ckpt_dir)
+                shutil.rmtree(ckpt_dir)
+            else:
+                self.resume(ckpt_dir)
+                log.info("resumed from %s at step %d", ckpt_dir, self.step)
         total = self.cfg.train.steps
         while self.step < total:
             rec = self.train_step()
             if on_step:
-                on_step(rec)
+                on_step(rec, self.history)
             if self.step % self.cfg.train.checkpoint_every == 0 or self.step == total:
                 self.save(ckpt_dir)
         trained = sum(1 for h in self.history if not h.get("skipped_nonfinite"))
@@ -306,14 +325,12 @@ class RLTrainer:
 # ----------------------------------------------------------------------------------------------------------------
 # stage driver
 # ----------------------------------------------------------------------------------------------------------------
-def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict], None] | None = None,
+def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict, list[dict]], None] | None = None,
            dist: Dist = Dist()) -> list[dict]:
     """Stage `train@<estimator>`: RL from the SFT checkpoint (policy and frozen reference) on `rl_train.jsonl`.
 
     `out_dir/checkpoint` holds the last checkpoint (resumed from when present); `out_dir/model` the final model.
     """
-    import shutil
-
     from tspo_core.config import AdvantageConfig
     from tspo_core.data.loaders import load_flashrag_jsonl
     from tspo_core.io import atomic_dir
@@ -334,7 +351,7 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict]
                          checkpoint=str(sft_dir))
     adv = AdvantageConfig(**{**params.advantage.model_dump(), "estimator": estimator})
     cfg = RLSettings(params.rollout, params.reward, adv, params.optim, params.train)
-    trainer = RLTrainer(policy, ref, tokenizer, engine, questions, cfg, dist)
+    trainer = RLTrainer(policy, ref, tokenizer, engine, questions, cfg, dist, start_id=_dir_id(sft_dir))
     history = trainer.fit(out_dir / "checkpoint", on_step=on_step)
     if dist.rank == 0:
         with atomic_dir(out_dir / "model") as tmp:
@@ -342,3 +359,12 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict]
                 if f.is_file() and f.name not in ("trainer_state.pt",):
                     shutil.copy2(f, tmp / f.name)
     return history
+
+
+def _dir_id(path: Path) -> str:
+    """Cheap identity of a checkpoint directory: its small files' contents and its large files' sizes."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes() if f.stat().st_size < 1_000_000 else str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,44 @@
+"""Stage `sft`: oracle trajectories through the real retriever, then SFT of the policy (the warmup for RL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from tqdm import tqdm
+
+from flows.common import load, main, publish
+from tspo_core.io import write_json, write_jsonl
+from tspo_core.train.sft import run_sft
+
+
+@task
+def sft(params_path: str) -> dict:
+    params = load(params_path)
+    bar = tqdm(total=params.sft.max_steps, desc="sft", unit="step")
+
+    def progress(rec: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['token_acc']:.2f}")
+
+    try:
+        return run_sft(params, progress=progress)
+    finally:
+        bar.close()
+
+
+@flow(name="sft")
+def sft_flow(params_path: str = "params.yaml") -> dict:
+    result = sft(params_path)
+    params = load(params_path)
+    metrics_dir = Path(params.paths.metrics_dir)
+    write_json(metrics_dir / "sft.json", result["summary"])
+    write_jsonl(metrics_dir / "sft_curve.jsonl",
+                [{k: h[k] for k in ("step", "loss", "token_acc", "lr")} for h in result["history"]])
+    publish("sft", "SFT warmup", [{"metric": k, "value": v} for k, v in result["summary"].items()],
+            notes=f"checkpoint: `{params.paths.sft_dir}`")
+    return result["summary"]
+
+
+if __name__ == "__main__":
+    main(sft_flow, __doc__)

@@ -1,0 +1,72 @@
+"""Stage `train@<estimator>`: TSPO or GRPO RL from the SFT checkpoint (resumes from its last checkpoint).
+
+Several processes: `torchrun --nproc_per_node N -m flows.train --params params.yaml --estimator tspo`
+(gloo on CPU, NCCL on GPUs); each rank rolls out its share of the questions, gradients are summed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, task
+from tqdm import tqdm
+
+from flows.common import load, main, publish
+from tspo_core.io import write_json, write_jsonl
+from tspo_core.train.rl import Dist, run_rl
+
+SUMMARY_KEYS = ("reward_mean", "em", "folr_share", "zero_var_share_o", "zero_var_share_s", "kl", "entropy")
+
+
+def _init_distributed() -> Dist:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist.from_env()
+
+
+@task
+def train(params_path: str, estimator: str) -> list[dict]:
+    params = load(params_path)
+    dist = _init_distributed()
+    out_dir = Path(params.paths.rl_dir) / estimator
+    curve = Path(params.paths.metrics_dir) / f"train_{estimator}.jsonl"
+    bar = tqdm(total=params.train.steps, desc=f"train@{estimator}", unit="step", disable=dist.rank != 0)
+
+    def on_step(rec: dict, history: list[dict]) -> None:
+        bar.n = rec["step"]
+        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", em=f"{rec['em']:.3f}")
+        bar.refresh()
+        if dist.rank == 0:  # the whole history (resumed steps included), rewritten atomically
+            write_jsonl(curve, history)
+
+    try:
+        full = run_rl(params, estimator, out_dir, on_step=on_step, dist=dist)
+    finally:
+        bar.close()
+    if dist.rank == 0:
+        write_jsonl(curve, full)
+    return full
+
+
+@flow(name="train")
+def train_flow(params_path: str = "params.yaml", estimator: str = "tspo") -> dict:
+    history = train(params_path, estimator)
+    params = load(params_path)
+    last = history[-1]
+    tail = history[-max(1, len(history) // 5):]
+    summary = {"estimator": estimator, "steps": last["step"],
+               **{f"{k}_last20pct": sum(h.get(k, 0.0) for h in tail) / len(tail) for k in SUMMARY_KEYS}}
+    write_json(Path(params.paths.metrics_dir) / f"train_{estimator}.json", summary)
+    publish(f"train-{estimator.replace('_', '-')}", f"RL training ({estimator})",
+            [{"metric": k, "value": v} for k, v in summary.items()],
+            notes=f"model: `{Path(params.paths.rl_dir) / estimator / 'model'}`")
+    return summary
+
+
+if __name__ == "__main__":
+    main(train_flow, __doc__, {"--estimator": {"default": "tspo", "help": "advantage estimator (registry name)"}})

@@ -1,0 +1,122 @@
+"""The comparison report: markdown tables, PNG figures (real images), tolerant readers of the stage outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from tspo_core.agent.rewards import CATEGORIES
+from tspo_core.config import FAMILIES
+from tspo_core.errors import DataError
+from tspo_core.evaluate import markdown_table
+from tspo_core.report import build_report, final_value, moving_average, read_eval_metrics, read_histories, \
+    read_history, series
+
+
+def _eval(run: str, base: float, datasets=FAMILIES) -> dict:
+    per = {}
+    for i, name in enumerate(datasets):
+        em = round(base + 0.01 * i, 4)
+        per[name] = {"n": 100, "em": em, "f1": em + 0.05, "cover_em": em + 0.08, "complete_success": em,
+                     "near_miss": 0.3, "success_without_retrieval": 0.02, "complete_failure": round(0.68 - em, 4),
+                     "answer_in_evidence_rate": em + 0.3, "answered_rate": 0.99, "turns_mean": 2.1,
+                     "searches_mean": 1.1, "invalid_action_rate": 0.01, "response_tokens_mean": 40.0}
+    keys = [k for k in next(iter(per.values())) if k != "n"]
+    avg = {"n": 100 * len(per), "datasets": len(per), **{k: sum(m[k] for m in per.values()) / len(per) for k in keys}}
+    return {"datasets": per, "average": avg,
+            "meta": {"run": run, "checkpoint": f"artifacts/{run}", "split": "test", "subset_size": 100, "seed": 0,
+                     "skipped": {n: "no questions" for n in FAMILIES if n not in per}}}
+
+
+def _history(steps: int, em0: float, slope: float, drop=()) -> list[dict]:
+    out = []
+    for s in range(1, steps + 1):
+        em = em0 + slope * s
+        rec = {"step": s, "reward_mean": em, "em": em, "folr_share": 0.5, "zero_var_share_o": 0.6 - slope * s,
+               "zero_var_share_s": 0.4 - slope * s, "complete_success": em, "near_miss": 0.3,
+               "success_without_retrieval": 0.0, "complete_failure": 0.7 - em, "kl": 0.001 * s, "entropy": 1.0,
+               "response_tokens": 50.0}
+        for k in drop:
+            rec.pop(k, None)
+        out.append(rec)
+    return out
+
+
+def _assert_png(path: Path) -> None:
+    img = mpimg.imread(path)  # (H, W, 4) floats in [0, 1]
+    assert img.ndim == 3 and 200 <= img.shape[0] <= 3000 and 300 <= img.shape[1] <= 4000
+    rgb = img[..., :3].reshape(-1, 3)
+    assert float(rgb.std()) > 0.02  # not a blank canvas
+    assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 20  # lines, text and colours were drawn
+
+
+def test_build_report_writes_tables_and_figures(tmp_path):
+    evals = {"tspo": _eval("tspo", 0.40), "sft": _eval("sft", 0.20), "grpo": _eval("grpo", 0.32)}
+    histories = {"grpo": _history(60, 0.2, 0.001), "tspo": _history(60, 0.2, 0.002)}
+    out = tmp_path / "reports"
+    path = build_report(evals, histories, out)
+    assert path == out / "report.md"
+    text = path.read_text(encoding="utf-8")
+    assert markdown_table(evals) in text  # the seven-dataset EM table, rows SFT / GRPO / TSPO
+    lines = text.splitlines()
+    rows = [line.split(" | ")[0] for line in lines if line.startswith("| SFT") or line.startswith("| GRPO")
+            or line.startswith("| TSPO")]
+    assert rows[:3] == ["| SFT", "| GRPO", "| TSPO"]
+    assert "| Run | EM | F1 | Cover-EM | Complete success | Near miss |" in text
+    # average EM of TSPO 0.43 vs GRPO 0.35: +22.9% relative
+    assert "TSPO vs GRPO, average EM: 0.430 vs 0.350 (+22.9% relative)" in text
+    assert "## How this was produced" in text and "Greedy" in text
+    for name in ("eval_categories.png", "training_curves.png", "zero_variance.png", "training_categories.png"):
+        assert f"]({name})" in text
+        _assert_png(out / name)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+
+
+def test_missing_keys_and_missing_inputs_are_tolerated(tmp_path):
+    evals = {"sft": _eval("sft", 0.2, datasets=("nq", "hotpotqa")), "tspo": _eval("tspo", 0.3)}
+    histories = {"grpo": _history(8, 0.1, 0.01, drop=("zero_var_share_s", *CATEGORIES)),
+                 "tspo": [{"em": 0.1}, {"step": 2, "em": float("nan"), "kl": None}, {"step": 3, "em": 0.3}]}
+    text = build_report(evals, histories, tmp_path).read_text(encoding="utf-8")
+    assert "SFT evaluated 2/7 datasets" in text and "missing: triviaqa, popqa" in text
+    assert "| SFT | 0.200 | – |" in text
+    _assert_png(tmp_path / "training_curves.png")
+    assert (tmp_path / "training_categories.png").is_file() is False  # no category was logged anywhere
+
+    # nothing at all: still a report, and figures from an earlier build are removed
+    text = build_report({}, {}, tmp_path).read_text(encoding="utf-8")
+    assert "No evaluation metrics" in text and "No training histories" in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_series_helpers():
+    hist = [{"step": 1, "em": 0.0}, {"em": 1.0}, {"step": 5, "em": float("inf")}, {"step": 6, "em": True},
+            {"step": 7, "em": 0.5}]
+    assert series(hist, "em") == ([1.0, 2.0, 7.0], [0.0, 1.0, 0.5])  # position when no step; non-numbers skipped
+    assert series(hist, "kl") == ([], [])
+    assert moving_average([2.0, 4.0, 6.0], 5) == [2.0, 3.0, 4.0]
+    assert final_value([{"em": float(i)} for i in range(20)], "em") == pytest.approx(18.5)  # last 2 of 20
+    assert final_value(hist, "kl") is None
+    assert not math.isnan(final_value(hist, "em"))
+
+
+def test_readers(tmp_path):
+    (tmp_path / "eval_tspo.json").write_text(json.dumps(_eval("tspo", 0.3)), encoding="utf-8")
+    (tmp_path / "eval_sft.json").write_text(json.dumps(_eval("sft", 0.2)), encoding="utf-8")
+    (tmp_path / "index.json").write_text("{}", encoding="utf-8")
+    assert sorted(read_eval_metrics(tmp_path)) == ["sft", "tspo"]
+    # a history still being written: the unfinished last record is dropped
+    (tmp_path / "train_grpo.jsonl").write_text('{"step": 1, "em": 0.1}\n\n{"step": 2, "em": 0.2}\n{"step": 3, "e',
+                                               encoding="utf-8")
+    assert read_histories(tmp_path) == {"grpo": [{"step": 1, "em": 0.1}, {"step": 2, "em": 0.2}]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\n{oops\n{"step": 3}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        read_history(bad)
+    (tmp_path / "eval_broken.json").write_text('{"datasets": {}}', encoding="utf-8")
+    with pytest.raises(DataError, match="eval_broken.json"):
+        read_eval_metrics(tmp_path)
