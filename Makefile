@@ -11,6 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # Idle torch/OpenMP threads otherwise spin while waiting, which starves the other process on a shared 2-core box.
 export OMP_WAIT_POLICY := PASSIVE
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: install test test-fast repro clean-outputs
 

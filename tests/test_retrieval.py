@@ -424,10 +424,14 @@ def test_corpus_validation_names_the_line(tmp_path: Path):
     with pytest.raises(DataError, match=r"c\.jsonl:2: not valid JSON"):
         scan_corpus(bad, 10)
     dpr = tmp_path / "dpr.jsonl"
-    dpr.write_text('{"id": 7, "title": "T", "text": "body"}\n{"id": "8", "contents": "\\"U\\"\\nmore"}',
-                   encoding="utf-8")  # no final newline
-    scan = scan_corpus(dpr, 1)
-    store = PassageStore(dpr, scan.offsets)
+    dpr.write_text('{"id": "7", "title": "T", "text": "body"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"dpr\.jsonl:1: passage without 'contents' \(found 'text'"):
+        scan_corpus(dpr, 1)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"id": "7", "contents": "\\"T\\"\\nbody"}\n{"id": "8", "contents": "\\"U\\"\\nmore"}',
+                  encoding="utf-8")  # no final newline
+    scan = scan_corpus(ok, 1)
+    store = PassageStore(ok, scan.offsets)
     assert store[0] == Passage("7", '"T"\nbody') and store[1].title == "U" and len(store) == 2
     store.close()
     with pytest.raises(RetrievalError, match="no index_card.json"):

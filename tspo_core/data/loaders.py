@@ -317,6 +317,25 @@ def load_dataset_file(path: str | Path) -> list[QAExample]:
 # ----------------------------------------------------------------------------------------------------------------
 # corpus
 # ----------------------------------------------------------------------------------------------------------------
+def passage_from_record(obj: Any, path: str | Path, line: int) -> Passage:
+    """One parsed corpus line -> `Passage`; the single validation rule for corpus records (the data stage and the
+    index's corpus scan both use it). `DataError` names the file and line."""
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {_json_type(obj)}", str(path), line)
+    pid = _id(_field(obj, "id", path, line), "id", path, line)
+    if "contents" not in obj:
+        hint = ""
+        if "text" in obj:
+            hint = " (found 'text': convert each passage to contents = '\"Title\"\\ntext')"
+        raise DataError(f"passage without 'contents'{hint}", str(path), line)
+    contents = obj["contents"]
+    if not isinstance(contents, str):
+        raise DataError(f"'contents' must be a string, got {_json_type(contents)}", str(path), line)
+    if not contents.strip():
+        raise DataError("empty 'contents'", str(path), line)
+    return Passage(id=pid, contents=contents)
+
+
 def iter_corpus(path: str | Path, check_unique: bool = True) -> Iterator[Passage]:
     """Stream a wiki-18 style corpus, one `{"id": str, "contents": str}` per line (memory: one line at a time,
     plus the set of ids seen when `check_unique`; turn it off for corpora whose ids do not fit in memory)."""
@@ -324,23 +343,14 @@ def iter_corpus(path: str | Path, check_unique: bool = True) -> Iterator[Passage
     seen: dict[str, int] = {}
     n = 0
     for line, obj in iter_json_lines(path):
-        pid = _id(_field(obj, "id", path, line), "id", path, line)
-        if "contents" not in obj:
-            hint = ""
-            if "text" in obj:
-                hint = " (found 'text': convert each passage to contents = '\"Title\"\\ntext')"
-            raise DataError(f"passage without 'contents'{hint}", str(path), line)
-        contents = obj["contents"]
-        if not isinstance(contents, str):
-            raise DataError(f"'contents' must be a string, got {_json_type(contents)}", str(path), line)
-        if not contents.strip():
-            raise DataError("empty 'contents'", str(path), line)
+        passage = passage_from_record(obj, path, line)
+        pid = passage.id
         if check_unique:
             if pid in seen:
                 raise DataError(f"duplicate passage id {pid!r} (first on line {seen[pid]})", str(path), line)
             seen[pid] = line
         n += 1
-        yield Passage(id=pid, contents=contents)
+        yield passage
     if n == 0:
         raise DataError("no passages (the file is empty or has only blank lines)", str(path))
 

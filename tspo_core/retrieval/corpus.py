@@ -1,8 +1,7 @@
 """Corpus access for indexing and search: one validating pass over a wiki-18 style jsonl file (byte offsets, per
 shard content hashes, no texts kept in memory), and a `PassageStore` that reads passage `i` back by offset.
 
-A corpus line is `{"id": str, "contents": "\\"Title\\"\\ntext"}`; `{"id", "title", "text"}` (DPR style) is accepted
-and turned into `contents`. Ids are kept as strings.
+A corpus line is `{"id": str, "contents": "\\"Title\\"\\ntext"}`, validated by `data.loaders.passage_from_record`.
 """
 
 from __future__ import annotations
@@ -14,29 +13,13 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from tspo_core.data.loaders import passage_from_record
 from tspo_core.data.schema import Passage
 from tspo_core.errors import DataError
 from tspo_core.io import atomic_open
-
-
-def passage_from_record(obj: Any, path: str | None = None, line: int | None = None) -> Passage:
-    """A `Passage` from one parsed corpus record; `DataError` (naming file and line) when malformed."""
-    if not isinstance(obj, dict):
-        raise DataError(f"expected a JSON object, got {type(obj).__name__}", path, line)
-    pid = obj.get("id")
-    if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
-        raise DataError(f"missing or invalid 'id' ({pid!r})", path, line)
-    contents = obj.get("contents")
-    if contents is None and isinstance(obj.get("text"), str):
-        title = obj.get("title") or ""
-        contents = f'"{title}"\n{obj["text"]}'
-    if not isinstance(contents, str):
-        raise DataError("missing 'contents' (or 'title' + 'text') string", path, line)
-    return Passage(id=str(pid), contents=contents)
 
 
 def _passage_line(p: Passage) -> bytes:

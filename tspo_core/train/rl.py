@@ -183,12 +183,19 @@ class RLTrainer:
         device = next(self.model.parameters()).device
         n_mini = max(1, round(B * self.dist.world / tcfg.mini_batch_size))
         bounds = [round(i * B / n_mini) for i in range(n_mini + 1)]
+        lengths = t.attention_mask.sum(1)  # (B,)
+
+        def take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            # rows of a micro-batch, cut to its longest rollout (length-sorted micro-batches pad little)
+            return x[rows, :int(lengths[rows].max())].to(device)
+
         ref_logp = None
         if self.ref is not None and o.kl_coef > 0:
+            ref_logp = torch.zeros_like(exp.batch.logprobs)
             with torch.no_grad():
-                ref_logp = torch.cat([token_logprobs(self.ref, t.input_ids[i:j].to(device),
-                                                     t.attention_mask[i:j].to(device), temp)[0].cpu()
-                                      for i, j in self._micro(0, B)])
+                for rows in self._micro(range(B), lengths):
+                    lp = token_logprobs(self.ref, take(t.input_ids, rows), take(t.attention_mask, rows), temp)[0]
+                    ref_logp[rows, :lp.shape[1]] = lp.cpu()
         sums: dict[str, float] = {}
         skipped = 0
         self.model.train()
@@ -199,21 +206,21 @@ class RLTrainer:
                 denom = float(self.dist.all_sum(local.clone()).clamp(min=1))
                 self.opt.zero_grad(set_to_none=True)
                 metrics_acc: dict[str, float] = {}
-                for i, j in self._micro(lo, hi):
-                    ids, attn = t.input_ids[i:j].to(device), t.attention_mask[i:j].to(device)
-                    logp, ent = token_logprobs(self.model, ids, attn, temp, with_entropy=True)
+                for rows in self._micro(range(lo, hi), lengths):
+                    policy_mask = take(t.policy_mask, rows)
+                    logp, ent = token_logprobs(self.model, take(t.input_ids, rows), take(t.attention_mask, rows),
+                                               temp, with_entropy=True)
                     loss, m = policy_loss(
-                        logp, exp.batch.logprobs[i:j].to(device), exp.advantages[i:j].to(device),
-                        t.policy_mask[i:j].to(device), ref_logp=None if ref_logp is None else ref_logp[i:j].to(device),
-                        entropy=ent.detach(), clip_ratio=o.clip_ratio, kl_coef=o.kl_coef,
-                        entropy_coef=0.0, agg=o.loss_agg, denominator=denom)
+                        logp, take(exp.batch.logprobs, rows), take(exp.advantages, rows), policy_mask,
+                        ref_logp=None if ref_logp is None else take(ref_logp, rows), entropy=ent.detach(),
+                        clip_ratio=o.clip_ratio, kl_coef=o.kl_coef, entropy_coef=0.0, agg=o.loss_agg,
+                        denominator=denom)
                     if o.entropy_coef:
-                        e_loss, _ = entropy_loss(ent, t.policy_mask[i:j].to(device), agg=o.loss_agg,
-                                                 denominator=denom)
+                        e_loss, _ = entropy_loss(ent, policy_mask, agg=o.loss_agg, denominator=denom)
                         loss = loss + o.entropy_coef * e_loss
                     loss.backward()
                     for k, v in m.items():
-                        metrics_acc[k] = metrics_acc.get(k, 0.0) + v * (j - i) / (hi - lo)
+                        metrics_acc[k] = metrics_acc.get(k, 0.0) + v * len(rows) / (hi - lo)
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                 for g in grads:
                     self.dist.all_sum(g)
@@ -235,9 +242,11 @@ class RLTrainer:
         sums["lr"] = self.sched.get_last_lr()[0]
         return sums
 
-    def _micro(self, lo: int, hi: int) -> list[tuple[int, int]]:
+    def _micro(self, rows: Sequence[int], lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Micro-batches of `rows`, sorted by length so each is padded only to its own longest rollout."""
+        order = sorted(rows, key=lambda r: int(lengths[r]))
         mb = self.cfg.train.micro_batch_size
-        return [(i, min(i + mb, hi)) for i in range(lo, hi, mb)]
+        return [torch.tensor(order[i:i + mb]) for i in range(0, len(order), mb)]
 
     def train_step(self) -> dict[str, float]:
         t0 = time.monotonic()
