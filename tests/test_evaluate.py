@@ -14,36 +14,21 @@ from tspo_core.agent.backends import Generation
 from tspo_core.agent.protocol import Action
 from tspo_core.agent.rollout import Rollout, RolloutEngine, RolloutSettings
 from tspo_core.config import FAMILIES, IndexConfig, TinyModelConfig, load_params
-from tspo_core.data.schema import Passage, QAExample
+from tspo_core.data.schema import QAExample
 from tspo_core.errors import DataError
 from tspo_core.evaluate import aggregate, average_metrics, checkpoint_for, evaluate_dataset, markdown_table, \
     read_results, run_evaluate, score_rollout, subset
 from tspo_core.metrics import contains_answer
-from tspo_core.policy import build_tiny_model, build_tokenizer
+from tspo_core.policy import build_tiny_model
+
+from fakes import PASSAGES, DictRetriever, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SYLLABLES = ["ba", "bo", "ni", "ka", "lo", "ra", "mi", "tu"]
-WORDS = ["Question was born in the city of Doc Title Answer the question below answer search think unknown"]
-
-PASSAGES = {
-    "Bobani": [Passage("p1", '"Bobani"\nBobani was born in Kalora.'), Passage("p2", '"Mitu"\nMitu was born in Bo.')],
-    "Kalora": [Passage("p3", '"Kalora"\nKalora is a city of Tuni.')],
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# fakes at the boundaries: a dict retriever and a scripted policy
+# fakes at the boundaries: a scripted policy (the dict retriever is in tests/fakes.py)
 # ----------------------------------------------------------------------------------------------------------------
-class DictRetriever:
-    """Exact-match fake: the query is the key; unknown queries return nothing."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def search(self, queries, top_k):
-        return [self.table.get(q, [])[:top_k] for q in queries]
-
-
 class PolicyBackend:
     """Plays `policy(question, turn, transcript) -> turn text` for every context (transcript = everything after the
     question line). `kill_on`: questions whose appearance raises, as a crash would, before anything is generated.
@@ -75,10 +60,6 @@ class PolicyBackend:
 def scripted(scripts):
     """A policy from {question: [turn texts]} (questions as the prompt shows them, ending with '?')."""
     return lambda question, turn, transcript: scripts[question][turn]
-
-
-def _tok():
-    return build_tokenizer(WORDS, SYLLABLES)
 
 
 def _engine(tok, policy, retriever=None, kill_on=(), **settings):
@@ -122,7 +103,7 @@ def test_aggregate_em_f1_cover_on_hand_written_predictions():
 
 
 def test_categories_come_from_the_observations_only():
-    tok = _tok()
+    tok = tokenizer()
     scripts = {
         # found at turn 0 and answered right
         "success?": ["<search> Bobani </search>", "<answer> Kalora </answer>"],
@@ -190,7 +171,7 @@ def _echo_policy(question, turn, transcript):
 
 
 def test_resume_after_a_kill_gives_the_rows_of_an_uninterrupted_run(tmp_path):
-    tok = _tok()
+    tok = tokenizer()
     examples = _questions()
     full_engine, _ = _engine(tok, _echo_policy)
     reference = evaluate_dataset(full_engine, examples, tmp_path / "full.jsonl", batch_size=2)
@@ -221,7 +202,7 @@ def test_resume_after_a_kill_gives_the_rows_of_an_uninterrupted_run(tmp_path):
 
 
 def test_stale_rows_are_redone_or_dropped(tmp_path):
-    tok = _tok()
+    tok = tokenizer()
     examples = _questions()[:4]
     path = tmp_path / "r.jsonl"
     engine, _ = _engine(tok, _echo_policy)
@@ -238,7 +219,7 @@ def test_stale_rows_are_redone_or_dropped(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    tok = _tok()
+    tok = tokenizer()
     engine, _ = _engine(tok, _echo_policy)
     ex = _questions()[0]
     with pytest.raises(DataError, match="duplicate question ids"):
@@ -297,7 +278,7 @@ def _write_jsonl(path: Path, records) -> None:
 def test_run_evaluate_writes_metrics_rows_and_table_and_resumes(tmp_path):
     from tspo_core.retrieval.index import build_index
 
-    tok = _tok()
+    tok = tokenizer()
     tiny = TinyModelConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                            num_key_value_heads=2, max_position_embeddings=1024)
     sft = tmp_path / "sft"
@@ -384,7 +365,7 @@ def test_oracle_on_real_nq_with_bm25(real_qa_dir: Path, tmp_path):
         found = [g for g in golds[question] if contains_answer(evidence, [g])]
         return f"<answer> {found[0] if found else 'unknown'} </answer>"
 
-    tok = _tok()  # byte fallback: any text round-trips; observations are long but never truncated here
+    tok = tokenizer()  # byte fallback: any text round-trips; observations are long but never truncated here
     engine, _ = _engine(tok, oracle, retriever, max_turns=1, top_k=3, max_obs_tokens=10**6,
                         max_context_tokens=10**6)
     try:

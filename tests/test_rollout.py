@@ -8,27 +8,10 @@ from tspo_core.agent.backends import Generation, HFBackend
 from tspo_core.agent.protocol import INVALID_ACTION_MESSAGE, format_observation
 from tspo_core.agent.rollout import RolloutEngine, RolloutSettings
 from tspo_core.config import TinyModelConfig
-from tspo_core.data.schema import Passage, QAExample
-from tspo_core.policy import build_tiny_model, build_tokenizer
+from tspo_core.data.schema import QAExample
+from tspo_core.policy import build_tiny_model
 
-SYLLABLES = ["ba", "bo", "ni", "ka", "lo", "ra", "mi", "tu"]
-WORDS = ["Question was born in the city of Doc Title Answer the question below answer search think"]
-
-PASSAGES = {
-    "Bobani": [Passage("p1", '"Bobani"\nBobani was born in Kalora.'), Passage("p2", '"Mitu"\nMitu was born in Bo.')],
-    "Kalora": [Passage("p3", '"Kalora"\nKalora is a city of Tuni.')],
-}
-
-
-class DictRetriever:
-    """Exact-match fake: the query is the key; unknown queries return nothing."""
-
-    def __init__(self, table):
-        self.table, self.calls = table, []
-
-    def search(self, queries, top_k):
-        self.calls.append(list(queries))
-        return [self.table.get(q, [])[:top_k] for q in queries]
+from fakes import PASSAGES, DictRetriever, tokenizer
 
 
 class ScriptedBackend:
@@ -50,12 +33,8 @@ class ScriptedBackend:
         return out
 
 
-def _tok():
-    return build_tokenizer(WORDS, SYLLABLES)
-
-
 def test_scripted_transcript_masks_and_turns():
-    tok = _tok()
+    tok = tokenizer()
     scripts = {
         "where was Bobani born?": ["<think> x </think><search> Bobani </search>", "<answer> Kalora </answer>"],
         "which country?": ["I do not know", "<search> Kalora </search>", "<answer> Tuni </answer>"],
@@ -93,7 +72,7 @@ def test_scripted_transcript_masks_and_turns():
 
 
 def test_final_turn_is_answer_only_and_caps():
-    tok = _tok()
+    tok = tokenizer()
     scripts = {"loop?": ["<search> Bobani </search>"] * 10}
     engine = RolloutEngine(ScriptedBackend(tok, scripts), tok, DictRetriever(PASSAGES),
                            RolloutSettings(max_turns=2, top_k=1, max_obs_tokens=8))
@@ -106,7 +85,7 @@ def test_final_turn_is_answer_only_and_caps():
 
 
 def test_context_cap_stops_without_dropping_the_question():
-    tok = _tok()
+    tok = tokenizer()
     scripts = {"loop?": ["<search> Bobani </search>"] * 10}
     engine = RolloutEngine(ScriptedBackend(tok, scripts), tok, DictRetriever(PASSAGES),
                            RolloutSettings(max_turns=4, top_k=2, max_context_tokens=260))
@@ -117,7 +96,7 @@ def test_context_cap_stops_without_dropping_the_question():
 
 
 def test_real_tiny_model_batched_stops_and_keeps_sampled_ids():
-    tok = _tok()
+    tok = tokenizer()
     model = build_tiny_model(TinyModelConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                                              num_attention_heads=2, num_key_value_heads=2), tok, seed=0)
     stop_id = tok.convert_tokens_to_ids("</search>")
@@ -160,7 +139,7 @@ def test_real_tiny_model_batched_stops_and_keeps_sampled_ids():
 
 
 def test_engine_with_real_model_round_trips_ids():
-    tok = _tok()
+    tok = tokenizer()
     model = build_tiny_model(TinyModelConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                                              num_attention_heads=2, num_key_value_heads=2), tok, seed=1)
     engine = RolloutEngine(HFBackend(model, tok), tok, DictRetriever(PASSAGES),
