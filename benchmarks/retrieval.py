@@ -46,6 +46,7 @@ from tspo_core.data.schema import QAExample  # noqa: E402
 from tspo_core.io import write_text  # noqa: E402
 from tspo_core.retrieval import HttpRetriever, build_index, load_retriever, read_card  # noqa: E402
 from tspo_core.retrieval.encoder import Encoder  # noqa: E402
+from tspo_core.procs import stop_process  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real_qa"
 DATASETS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
@@ -228,11 +229,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         notes.append(f"server micro-batching over the whole run: {stats}")
         http.close()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
         local.close()
 
     load = os.getloadavg()

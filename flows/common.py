@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tspo_core.config import Params, dump_params, load_params
-from tspo_core.errors import TSPOError
+from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import write_text
 
 
@@ -55,17 +56,42 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def check_inputs(params_path: str | Path, options: Mapping[str, Any]) -> Params:
+    """What can be checked before a flow run starts: the params file and the CLI options that name registry entries
+    (`--estimator`) or directories (`--run`). Raises `ConfigError` naming the file, key or option."""
+    params = load_params(params_path)
+    estimator = options.get("estimator")
+    if estimator is not None:
+        from tspo_core.agent.advantages import advantage_names
+
+        if estimator not in advantage_names():
+            raise ConfigError(f"--estimator {estimator!r}: unknown advantage estimator; known: {advantage_names()}")
+    run = options.get("run")
+    if run is not None:
+        from tspo_core.evaluate import check_run_name
+
+        check_run_name(run)
+    return params
+
+
 def main(flow: Callable[..., Any], description: str, options: Mapping[str, dict] | None = None) -> None:
     """`python -m flows.<stage> --params params.yaml [--option value ...]`: exits 2 with the error's message on bad
     input. `options` maps extra flag names (e.g. "--estimator") to argparse keyword arguments; their values are
-    passed to the flow as keyword arguments (dashes become underscores)."""
+    passed to the flow as keyword arguments (dashes become underscores).
+
+    The params file and the options are validated before the flow run starts (`check_inputs`), so a typo fails in
+    about a second, with one line naming the key, instead of after the orchestrator has started. The library's
+    INFO messages (`resumed from ... at step k`, `resuming, n of m examples already evaluated`, shards encoded) are
+    shown: they say what a rerun after a crash did."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     for flag, kwargs in (options or {}).items():
         parser.add_argument(flag, **kwargs)
     args = vars(parser.parse_args())
     params_path = args.pop("params")
+    logging.getLogger("tspo_core").setLevel(logging.INFO)
     try:
+        check_inputs(params_path, args)
         flow(params_path=params_path, **args)
     except TSPOError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,6 +1,5 @@
 """Worker for test_rl.test_two_processes_match_one_process (run as a separate process per rank)."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_rl import make_trainer, params_of  # noqa: E402
 
-from tspo_core.train.rl import Dist  # noqa: E402
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")

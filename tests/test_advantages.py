@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tspo_core.agent.advantages import (advantage_names, get_advantage, group_stats, reference_advantages,
                                         register_advantage)
 from tspo_core.agent.diagnostics import category_shares, group_diagnostics, zero_variance_share
+from tspo_core.errors import ConfigError
 
 EPS = 1e-6
 ALPHA = 0.5
@@ -194,7 +195,7 @@ def test_registry_names_and_one_signature():
 
 
 def test_unknown_estimator_lists_known_names():
-    with pytest.raises(KeyError, match="grpo.*grpo_folr.*tspo"):
+    with pytest.raises(ConfigError, match="grpo.*grpo_folr.*tspo"):
         get_advantage("ppo")
 
 

@@ -156,7 +156,7 @@ def test_docstring_examples_run(name):
     assert result.failed == 0
 
 
-ALLOWED_INTERNAL = {"tspo_core.metrics", "tspo_core.data.schema"}
+ALLOWED_INTERNAL = {"tspo_core.metrics", "tspo_core.data.schema", "tspo_core.errors"}
 
 
 @pytest.mark.parametrize("name", PURE_MODULES + ("__init__",))

@@ -29,6 +29,7 @@ from tspo_core.data.schema import Passage
 from tspo_core.retrieval import (BaseRetriever, Hit, HttpRetriever, RetrievalError, RetrievalServerError,
                                  ServerLimits, build_index, create_app)
 from tspo_core.retrieval.server import MicroBatcher, build_parser
+from tspo_core.procs import stop_process
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's notice about httpx in its TestClient
@@ -381,12 +382,7 @@ def test_cli_serves_an_index(tmp_path: Path):
         r = httpx.post(f"http://127.0.0.1:{port}/retrieve", json={"queries": ["topic"], "topk": 0})
         assert r.status_code == 422
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_s=15)
     assert proc.returncode is not None
 
 

@@ -86,15 +86,27 @@ def test_nonfinite_loss_is_skipped_and_parameters_stay_finite():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
     full = make_trainer(steps=4)
     full.fit(tmp_path / "full")
-    # crash after step 2 (the checkpoint of step 2 is on disk), then a fresh process resumes
+    # the same run crashes during step 3 (the checkpoint of step 2 is on disk); a fresh process resumes
     part = make_trainer(steps=4)
-    part.cfg = part.cfg.__class__(**{**part.cfg.__dict__, "train": part.cfg.train.model_copy(update={"steps": 2})})
-    part.fit(tmp_path / "part")
+    real_step = part.train_step
+
+    def crash_in_step_three():
+        if part.step == 2:
+            raise RuntimeError("simulated crash")
+        return real_step()
+
+    monkeypatch.setattr(part, "train_step", crash_in_step_three)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        part.fit(tmp_path / "part")
     resumed = make_trainer(steps=4, seed=0)
+    trained = []
+    real_resumed_step = resumed.train_step
+    monkeypatch.setattr(resumed, "train_step", lambda: trained.append(resumed.step) or real_resumed_step())
     resumed.fit(tmp_path / "part")
+    assert trained == [2, 3]  # it really resumed: only steps 3 and 4 were trained in this process
     assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in full.history]
     pf, pr = params_of(full), params_of(resumed)
     assert all(torch.equal(pf[k], pr[k]) for k in pf)

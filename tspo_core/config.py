@@ -20,8 +20,25 @@ FAMILIES: tuple[str, ...] = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultih
 """The seven evaluation datasets, by their FlashRAG names (synthetic families use the same names)."""
 
 
+def _is_number(annotation: Any) -> bool:
+    """True for `int`, `float` and unions holding one (`int | None`)."""
+    if annotation in (int, float):
+        return True
+    return any(a in (int, float) for a in getattr(annotation, "__args__", ()))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: Any) -> Any:
+        # pydantic's lax mode reads `true` as 1 for an int field: `top_k: yes` or `steps: true` would silently
+        # become 1. A boolean where a number is expected is a mistake in the file, so it fails naming the key.
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,8 +108,8 @@ class FilesConfig(_Section):
     """Real data: FlashRAG jsonl (or Search-R1 parquet) datasets and a wiki-18 style corpus."""
 
     corpus: str = Field(description="Corpus jsonl, one {\"id\", \"contents\": \"\\\"Title\\\"\\ntext\"} per line.")
-    train: list[str] = Field(description="Training question files (FlashRAG .jsonl or Search-R1 .parquet); "
-                             "concatenated in order.")
+    train: list[str] = Field(min_length=1, description="Training question files (FlashRAG .jsonl or Search-R1 "
+                             ".parquet); concatenated in order (at least one: the RL training set may not be empty).")
     eval: dict[str, str] = Field(description="Evaluation file per dataset name (FlashRAG .jsonl or Search-R1 "
                                  ".parquet); any subset of the seven names.")
     dev: dict[str, str] = Field(default_factory=dict, description="Optional dev file per dataset name, used for "
@@ -194,6 +211,13 @@ class RetrievalConfig(_Section):
     max_batch_queries: int = Field(512, gt=0, description="Server micro-batching: most queries searched in one "
                                    "batch (a larger single request is still searched whole).")
 
+    @model_validator(mode="after")
+    def _top_k_within_server_limit(self) -> "RetrievalConfig":
+        if self.top_k > self.max_top_k:
+            raise ValueError(f"top_k ({self.top_k}) exceeds max_top_k ({self.max_top_k}): a server started with "
+                             "these settings would refuse every search of the rollouts")
+        return self
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # model / sft
@@ -241,6 +265,11 @@ class SFTConfig(_Section):
     lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(50, ge=0, description="Linear warmup steps, then cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    obs_loss_weight: float = Field(0.0, ge=0, description="Weight of an auxiliary next-token loss on observation "
+                                   "tokens (retrieved passages), added to the policy-token loss. 0 (the paper's "
+                                   "setting) for a pretrained checkpoint; a model trained from scratch has never "
+                                   "read a passage, and this teaches it their layout, which it must read answers "
+                                   "from. The prompt is never in the loss.")
     validate_per_family: int = Field(30, ge=0, description="Dev questions per family for the post-SFT "
                                      "protocol check (valid actions, EM).")
     seed: int = Field(0, description="Seed.")
@@ -372,13 +401,43 @@ def params_from_dict(raw: Any, source: str = "<dict>") -> Params:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key repeated in one mapping (PyYAML keeps the last one silently, so a
+    second `train:` section would quietly replace the first)."""
+
+
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let the constructor report it
+            continue
+        if first is not None:
+            raise _DuplicateKey(None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate `params.yaml`. `overrides` maps dotted keys to values (`{"train.steps": 3}`)."""
+    """Load and validate `params.yaml`. `overrides` maps dotted keys to values (`{"train.steps": 3}`).
+    A key repeated within one mapping is an error (naming the key and both lines), not "the last one wins"."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as err:
+        line = err.problem_mark.line + 1 if err.problem_mark is not None else "?"
+        raise ConfigError(f"{path}:{line}: {err.problem}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if overrides and not isinstance(raw, dict):

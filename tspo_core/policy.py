@@ -102,6 +102,11 @@ def check_tokenizer(tokenizer, source: str) -> None:
         raise ConfigError(f"{source}: tokenizer has no eos token")
 
 
+# Encoder families that AutoModelForCausalLM still loads (as *LMHeadModel, with only a warning): they would train,
+# then fail in generation. A checkpoint of one of them saved with is_decoder=True is a real causal LM and passes.
+_ENCODER_ONLY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "roformer",
+                           "megatron-bert", "bert-generation", "data2vec-text", "xmod", "rembert"})
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -128,6 +133,9 @@ def load_policy(path: str | Path, cfg: ModelConfig, device: str | torch.device =
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.dtype])
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"{source}: cannot load a causal LM checkpoint: {err}") from None
+    if model.config.model_type in _ENCODER_ONLY and not getattr(model.config, "is_decoder", False):
+        raise ConfigError(f"{source}: a {model.config.model_type} checkpoint is an encoder (bidirectional "
+                          "attention), not a causal LM; the policy must be a decoder such as Qwen2")
     check_tokenizer(tokenizer, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tspo_core.errors import ConfigError
+
 AdvantageFn = Callable[..., torch.Tensor]
 _ADVANTAGES: dict[str, AdvantageFn] = {}
 
@@ -57,7 +59,7 @@ def get_advantage(name: str) -> AdvantageFn:
     try:
         return _ADVANTAGES[name]
     except KeyError:
-        raise KeyError(f"unknown advantage estimator {name!r}; known: {sorted(_ADVANTAGES)}") from None
+        raise ConfigError(f"unknown advantage estimator {name!r}; known: {sorted(_ADVANTAGES)}") from None
 
 
 def advantage_names() -> list[str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -30,13 +29,10 @@ from tspo_core.agent.backends import GenerationBackend
 from tspo_core.agent.masks import Segment, TokenTensors, build_masks
 from tspo_core.agent.protocol import INVALID_ACTION_MESSAGE, STOP_STRINGS, Action, build_prompt, \
     format_observation, parse_action
-from tspo_core.data.schema import Passage, QAExample
+from tspo_core.data.schema import QAExample
+from tspo_core.retrieval.base import Retriever
 
 log = logging.getLogger(__name__)
-
-
-class Retriever(Protocol):
-    def search(self, queries: list[str], top_k: int) -> list[list[Passage]]: ...
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def open_passages(index_dir: str | Path, card: dict[str, Any]) -> PassageStore:
     if info["mode"] == "copy":
         path = index_dir / info["file"]
     else:
-        candidates = [index_dir / info["relpath"], Path(info["file"])]
+        candidates = [Path(os.path.normpath(index_dir / info["relpath"])), Path(info["file"])]
         found = [p for p in candidates if p.is_file()]
         if not found:
             raise RetrievalError(f"{index_dir}: referenced corpus not found at {info['relpath']!r} (relative to the "

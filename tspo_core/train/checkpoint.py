@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from tspo_core.errors import TSPOError
 from tspo_core.io import atomic_dir
@@ -49,7 +50,9 @@ def save_checkpoint(path: str | Path, model, tokenizer, state: dict[str, Any], h
             tokenizer.save_pretrained(tmp)
             torch.save(state, tmp / STATE_FILE)
             (tmp / HISTORY_FILE).write_text(json.dumps(history), encoding="utf-8")
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
+        # a full disk surfaces as OSError from plain writes, RuntimeError from torch.save's zip writer and
+        # SafetensorError from save_pretrained
         raise CheckpointError(f"{path}: cannot write checkpoint ({err}); the previous one is intact") from err
 
 

@@ -263,6 +263,8 @@ class RLTrainer:
                "response_tokens": stats["response_tokens_mean"], "turns": stats["turns_mean"],
                "searches": stats["searches_mean"], "invalid_rate": stats["invalid_action_rate"],
                "rollout_s": round(t_roll, 3), "step_s": round(time.monotonic() - t0, 3)}
+        # JSON has no NaN: the loss of a skipped non-finite step is recorded as null (see skipped_nonfinite)
+        rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
         self.step += 1
         self.history.append(rec)
         return rec
