@@ -1,0 +1,366 @@
+"""Top-level flow `pipeline`: runs the DVC pipeline (`dvc repro`, or `dvc exp run -S key=value` so that sweeps
+launched from the Prefect UI are recorded by DVC), then publishes the resulting metrics as Prefect artifacts.
+Thin on purpose: DVC decides what is stale and records every run (dvc.lock, experiments); this flow starts it,
+streams its output to the flow logger and turns metrics/eval_*.json and metrics/train_*.json (whatever exists)
+into tables. Deployment: prefect.yaml (`tspo-pipeline`).
+"""
+
+# python -m flows.pipeline                                             dvc repro
+# python -m flows.pipeline --target data --target index                dvc repro data index
+# python -m flows.pipeline --mode exp --set reward.folr_alpha=0.2      dvc exp run -S reward.folr_alpha=0.2
+# python -m flows.pipeline --mode exp --set 'optim.lr=1e-4,1e-3' --queue   a queued grid; then dvc queue start
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import types
+import typing
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flows.common import main, publish
+from tspo_core.config import Params, load_params
+from tspo_core.errors import ConfigError, TSPOError
+from tspo_core.procs import stop_process
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+"""The checkout that holds this flow file: where `dvc` runs unless `project_dir` says otherwise."""
+
+TAIL_LINES = 40
+
+_KEY = r"[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*"
+_OVERRIDE = re.compile(rf"^(?:(?P<file>[^:=\s]+):)?(?P<key>{_KEY})=(?P<value>[^\x00-\x1f]*)$")
+_TARGET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_@.:/-]*$")
+_EXP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# tqdm lines from the stages ("train@tspo:  45%|####5     | 9/20 [...]"): logged at most every PROGRESS_EVERY_S
+_PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+PROGRESS_EVERY_S = 10.0
+
+
+class PipelineError(TSPOError):
+    """DVC failed (the message holds the command, its exit code and the tail of its output) or cannot start."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parameters: one pydantic model, so the Prefect UI renders a form and bad input fails before DVC starts
+# ----------------------------------------------------------------------------------------------------------------
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_mapping(a) for a in typing.get_args(annotation))
+    return origin is dict or annotation is dict
+
+
+def check_params_key(dotted: str) -> str | None:
+    """None when `dotted` names a setting of `params.yaml` (tspo_core.config.Params), else why not."""
+    model: type[BaseModel] = Params
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if part not in model.model_fields:
+            known = ", ".join(model.model_fields)
+            where = "params.yaml" if i == 0 else f"section {'.'.join(parts[:i])!r}"
+            return f"unknown key {here!r}: {where} has {known}"
+        annotation = model.model_fields[part].annotation
+        sub = _model_in(annotation)
+        if sub is None:
+            if i + 1 < len(parts) and not _is_mapping(annotation):
+                return f"{here!r} is a value, not a section: {dotted!r} does not exist"
+            return None
+        model = sub
+    return f"{dotted!r} is a whole section: set one of its keys ({', '.join(model.model_fields)})"
+
+
+class PipelineOptions(BaseModel):
+    """What the `pipeline` flow runs: `dvc repro [targets]` or `dvc exp run [-S key=value ...] [targets]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["repro", "exp"] = Field(
+        "repro", description="`repro`: dvc repro (updates dvc.lock). `exp`: dvc exp run, recorded as a DVC "
+        "experiment (dvc exp show), the only mode that accepts overrides.")
+    targets: list[str] = Field(
+        default_factory=list, description="Stages to reproduce (with their stale upstream stages), e.g. `data`, "
+        "`train@tspo`, `evaluate@sft`. Empty: the whole pipeline.")
+    overrides: list[str] = Field(
+        default_factory=list, description="`key=value` settings of params.yaml for `dvc exp run -S`, e.g. "
+        "`reward.folr_alpha=0.2`; values are YAML. With `queue`, `key=a,b,c` queues one experiment per value.")
+    queue: bool = Field(False, description="exp mode: only queue the experiment(s) (`--queue`); run them with "
+                        "`dvc queue start`.")
+    name: str | None = Field(None, description="exp mode: experiment name (`--name`).")
+    force: bool = Field(False, description="Run the stages even when DVC finds them up to date (`--force`).")
+    project_dir: str | None = Field(None, description="The DVC project to run in. Empty: the checkout that "
+                                    "holds this flow (the deployment's working directory).")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not _TARGET.match(t):
+                raise ValueError(f"bad target {t!r}: a stage name such as `data` or `train@tspo` "
+                                 "(letters, digits, _ @ . : / -; not starting with -)")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: list[str]) -> list[str]:
+        for item in v:
+            m = _OVERRIDE.match(item)
+            if m is None:
+                raise ValueError(f"bad override {item!r}: expected `key=value` with a dotted key of params.yaml, "
+                                 "e.g. `reward.folr_alpha=0.2` (no +/~ prefixes, no control characters)")
+            if m["file"] not in (None, "params.yaml"):
+                raise ValueError(f"bad override {item!r}: the stages read params.yaml only, so overrides "
+                                 f"cannot target {m['file']!r}")
+            problem = check_params_key(m["key"])
+            if problem:
+                raise ValueError(f"bad override {item!r}: {problem}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _EXP_NAME.match(v):
+            raise ValueError(f"bad experiment name {v!r}: letters, digits, _ . -, starting with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _exp_only(self) -> "PipelineOptions":
+        if self.mode == "repro":
+            given = [f for f, on in (("overrides", bool(self.overrides)), ("queue", self.queue),
+                                     ("name", self.name is not None)) if on]
+            if given:
+                raise ValueError(f"{', '.join(given)} need(s) mode 'exp' (dvc exp run); dvc repro only "
+                                 "reproduces params.yaml as it is")
+        return self
+
+    def resolved_project_dir(self) -> Path:
+        return Path(self.project_dir).expanduser().resolve() if self.project_dir else PROJECT_DIR
+
+
+def dvc_command(options: PipelineOptions) -> list[str]:
+    """The DVC command line `options` stand for (pure: no file or process is touched)."""
+    if options.mode == "repro":
+        cmd = ["dvc", "repro"]
+    else:
+        cmd = ["dvc", "exp", "run"]
+        for item in options.overrides:
+            cmd += ["-S", item]
+        if options.queue:
+            cmd.append("--queue")
+        if options.name:
+            cmd += ["--name", options.name]
+    if options.force:
+        cmd.append("--force")
+    return cmd + list(options.targets)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running DVC
+# ----------------------------------------------------------------------------------------------------------------
+def subprocess_env() -> dict[str, str]:
+    """The flow's environment, with this interpreter's bin directory first on PATH (the stages run `python -m
+    flows.<stage>`: the same environment as this flow, whatever PATH the worker was started with) and unbuffered
+    output (streamed as it is written)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def stream_command(argv: list[str], cwd: Path, log: Callable[[str], None], env: dict[str, str] | None = None,
+                   tail_lines: int = TAIL_LINES) -> tuple[int, list[str], float]:
+    """Run `argv` in `cwd`, handing each output line (stdout and stderr merged, carriage-return updates split)
+    to `log` as it comes; progress-bar lines at most every PROGRESS_EVERY_S. Returns (exit code, the last
+    `tail_lines` lines, seconds). The process is terminated if this function is interrupted."""
+    tail: deque[str] = deque(maxlen=tail_lines)
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1)
+    except OSError as err:
+        raise PipelineError(f"cannot start {' '.join(argv)!r} in {cwd}: {err}") from None
+    last_progress = -math.inf
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:  # text mode: \r, \n and \r\n all end a line
+            line = raw.rstrip()
+            if not line:
+                continue
+            tail.append(line)
+            if _PROGRESS.search(line):
+                now = time.monotonic()
+                if now - last_progress < PROGRESS_EVERY_S and "100%|" not in line:
+                    continue
+                last_progress = now
+            log(line)
+        code = proc.wait()
+    finally:
+        stop_process(proc, grace_s=30)
+    return code, list(tail), time.monotonic() - start
+
+
+def execute(cmd: list[str], project_dir: Path, log: Callable[[str], None],
+            dvc: Sequence[str] = (sys.executable, "-m", "dvc")) -> dict[str, Any]:
+    """Run the DVC command line `cmd` (from `dvc_command`) in `project_dir` with the `dvc` of this environment;
+    raise PipelineError with the tail of its output when it fails."""
+    if not (project_dir / "dvc.yaml").is_file():
+        raise PipelineError(f"{project_dir} is not this project's DVC checkout (no dvc.yaml); set `project_dir`")
+    shown = " ".join(cmd)
+    log(f"running `{shown}` in {project_dir}")
+    code, tail, seconds = stream_command([*dvc, *cmd[1:]], project_dir, log, env=subprocess_env())
+    if code != 0:
+        raise PipelineError(f"`{shown}` failed with exit code {code} after {seconds:.1f} s in {project_dir}; last "
+                            f"{len(tail)} lines of its output:\n" + "\n".join(tail))
+    log(f"`{shown}` finished in {seconds:.1f} s")
+    return {"command": shown, "exit_code": code, "seconds": round(seconds, 1), "tail": tail}
+
+
+@task(name="dvc")  # no retries: DVC itself resumes persisted outputs when the pipeline is run again
+def run_dvc(cmd: list[str], project_dir: str) -> dict[str, Any]:
+    return execute(cmd, Path(project_dir), get_run_logger().info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics -> artifacts
+# ----------------------------------------------------------------------------------------------------------------
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (str, bool)) or (isinstance(v, (int, float)) and math.isfinite(v))
+
+
+def read_metric_rows(metrics_dir: Path) -> tuple[list[dict], list[dict], list[str]]:
+    """(evaluation rows, one per `eval_<run>.json`: average EM/F1/cover-EM and EM per dataset; training rows,
+    one per `train_<estimator>.json`: its scalar summary; problems with files that could not be read)."""
+    eval_rows: list[dict] = []
+    train_rows: list[dict] = []
+    problems: list[str] = []
+    for path in sorted(metrics_dir.glob("eval_*.json")):
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+            avg = m["average"]
+            row: dict[str, Any] = {"run": path.stem[len("eval_"):]}
+            row.update({f"avg_{k}": avg[k] for k in ("em", "f1", "cover_em") if k in avg})
+            row.update({f"em_{name}": d["em"] for name, d in m["datasets"].items() if "em" in d})
+            eval_rows.append(row)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            problems.append(f"{path.name}: not an evaluation metrics file ({type(err).__name__}: {err})")
+    for path in sorted(metrics_dir.glob("train_*.json")):
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(m, dict):
+                raise TypeError(f"a JSON object expected, got {type(m).__name__}")
+            train_rows.append({"estimator": m.get("estimator", path.stem[len("train_"):]),
+                               **{k: v for k, v in m.items() if k != "estimator" and _scalar(v)}})
+        except (OSError, ValueError, TypeError) as err:
+            problems.append(f"{path.name}: not a training summary ({type(err).__name__}: {err})")
+    return eval_rows, train_rows, problems
+
+
+def git_head(project_dir: Path) -> str | None:
+    """The commit the run started from (lineage: dvc.lock and the code at that commit), or None outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_dir, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def metrics_dir_of(project_dir: Path) -> Path:
+    """`paths.metrics_dir` of the project's params.yaml (after the run: an experiment may have changed it)."""
+    path = Path(load_params(project_dir / "params.yaml").paths.metrics_dir)
+    return path if path.is_absolute() else project_dir / path
+
+
+@flow(name="pipeline")
+def pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
+    """Run the DVC pipeline (`dvc repro` or `dvc exp run -S ...`) and publish its metrics as artifacts."""
+    log = get_run_logger()
+    project = options.resolved_project_dir()
+    cmd = dvc_command(options)
+    head = git_head(project)
+    result = run_dvc(cmd, str(project))
+    summary: dict[str, Any] = {"command": result["command"], "project_dir": str(project), "git_head": head,
+                               "seconds": result["seconds"], "queued": options.queue}
+    notes = [f"`{result['command']}` in `{project}` (git HEAD `{head}`): exit code 0, {result['seconds']} s"]
+    if options.queue:
+        notes.append("Queued only: run the queue with `dvc queue start`, follow it with `dvc queue status`, "
+                     "compare with `dvc exp show`.")
+        eval_rows, train_rows, problems = [], [], []
+    else:
+        eval_rows, train_rows, problems = read_metric_rows(metrics_dir_of(project))
+        for p in problems:
+            log.warning("metrics skipped: %s", p)
+        notes.append(f"Metrics in the workspace: {len(eval_rows)} evaluation file(s), {len(train_rows)} training "
+                     "summary file(s) (a stage that did not run keeps those of its last run)."
+                     + (" Skipped: " + "; ".join(problems) if problems else ""))
+    tail = "\n".join(result["tail"][-15:])
+    create_markdown_artifact(key="pipeline-run", description="What the pipeline flow ran",
+                             markdown="# DVC run\n\n" + "\n\n".join(notes)
+                             + f"\n\nLast lines of DVC's output:\n\n```\n{tail}\n```\n")
+    if eval_rows:
+        publish("pipeline-eval", "Evaluation: average and per-dataset EM", eval_rows,
+                notes="From `metrics/eval_<run>.json` (per-example rows under `artifacts/eval/<run>/`).")
+    if train_rows:
+        publish("pipeline-train", "RL training summaries", train_rows,
+                notes="From `metrics/train_<estimator>.json` (last 20% of the steps; curves in "
+                      "`metrics/train_<estimator>.jsonl`, `dvc plots show`).")
+    summary.update(eval_runs=[r["run"] for r in eval_rows], train_runs=[r["estimator"] for r in train_rows],
+                   skipped_metrics=problems)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: python -m flows.pipeline [--mode exp --set key=value ...] [--target stage ...]
+# ----------------------------------------------------------------------------------------------------------------
+def _cli(params_path: str, mode: str, targets: list[str] | None, overrides: list[str] | None, queue: bool,
+         name: str | None, force: bool, project_dir: str | None) -> dict[str, Any]:
+    try:
+        options = PipelineOptions(mode=mode, targets=targets or [], overrides=overrides or [], queue=queue,
+                                  name=name, force=force, project_dir=project_dir)
+    except ValidationError as err:
+        raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
+    project = options.resolved_project_dir()
+    if Path(params_path).resolve() != (project / "params.yaml").resolve():
+        raise ConfigError(f"--params {params_path}: the DVC stages always read {project / 'params.yaml'}; change "
+                          "a setting for one run with --mode exp --set KEY=VALUE")
+    return pipeline(options)
+
+
+if __name__ == "__main__":
+    main(_cli, __doc__, {
+        "--mode": {"choices": ["repro", "exp"], "default": "repro", "help": "dvc repro (default) or dvc exp run"},
+        "--target": {"dest": "targets", "action": "append", "metavar": "STAGE",
+                     "help": "stage to reproduce (repeatable; default: all)"},
+        "--set": {"dest": "overrides", "action": "append", "metavar": "KEY=VALUE",
+                  "help": "exp mode: params.yaml override, dvc exp run -S (repeatable)"},
+        "--queue": {"action": "store_true", "help": "exp mode: queue only (dvc queue start runs the queue)"},
+        "--name": {"default": None, "help": "exp mode: experiment name"},
+        "--force": {"action": "store_true", "help": "run stages even when up to date"},
+        "--project-dir": {"default": None, "help": "the DVC project (default: this checkout)"},
+    })
