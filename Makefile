@@ -3,6 +3,13 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The page template for `dvc plots show` with vega, vega-lite and vega-embed inlined (renders offline). Generated
+# from the npm registry by scripts/make_plots_template.py; git-ignored, never committed.
+PLOTS_TEMPLATE := build/plots_template.html
+# `make test` and `make repro` try to build it first but go on without it (npm missing or offline): it only
+# matters for the offline HTML of `dvc plots show`, and its test skips with the reason.
+TRY_PLOTS_TEMPLATE = @$(MAKE) --no-print-directory plots-template || \
+	echo "note: $(PLOTS_TEMPLATE) not built (reason above); continuing without the offline plots template"
 
 # Nothing may be fetched from a model or dataset hub at run time.
 export HF_HUB_OFFLINE := 1
@@ -13,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test test-fast repro clean-outputs
+.PHONY: install test test-fast repro clean-outputs plots-template plots
 
 install: $(STAMP)
 
@@ -28,13 +35,24 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 test: $(STAMP)
+	$(TRY_PLOTS_TEMPLATE)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 repro: $(STAMP)
+	$(TRY_PLOTS_TEMPLATE)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+
+plots-template: $(PLOTS_TEMPLATE)
+
+$(PLOTS_TEMPLATE): scripts/make_plots_template.py
+	$(PYTHON) scripts/make_plots_template.py --out $@
+
+# dvc_plots/index.html from the plot definitions in dvc.yaml, self-contained (open it without a network)
+plots: $(STAMP) $(PLOTS_TEMPLATE)
+	$(BIN)/dvc plots show --html-template $(PLOTS_TEMPLATE)
 
 clean-outputs:
 	rm -rf data artifacts metrics reports

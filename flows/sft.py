@@ -8,8 +8,11 @@ from prefect import flow, task
 from tqdm import tqdm
 
 from flows.common import load, main, publish
-from tspo_core.io import write_json, write_jsonl
+from tspo_core.io import write_csv, write_json, write_jsonl
 from tspo_core.train.sft import run_sft
+
+SFT_CURVE_COLUMNS = ("step", "loss", "obs_loss", "token_acc", "lr")
+"""Columns of `metrics/sft_curve.{jsonl,csv}` (obs_loss is empty/null when `sft.obs_loss_weight` is 0)."""
 
 
 @task
@@ -33,8 +36,10 @@ def sft_flow(params_path: str = "params.yaml") -> dict:
     params = load(params_path)
     metrics_dir = Path(params.paths.metrics_dir)
     write_json(metrics_dir / "sft.json", result["summary"])
-    write_jsonl(metrics_dir / "sft_curve.jsonl",
-                [{k: h[k] for k in ("step", "loss", "token_acc", "lr")} for h in result["history"]])
+    curve = [{"step": h["step"], "loss": h["loss"], "obs_loss": h.get("obs_loss"), "token_acc": h["token_acc"],
+              "lr": h["lr"]} for h in result["history"]]
+    write_jsonl(metrics_dir / "sft_curve.jsonl", curve)
+    write_csv(metrics_dir / "sft_curve.csv", curve, SFT_CURVE_COLUMNS)  # the same rows, flat, for `dvc plots`
     publish("sft", "SFT warmup", [{"metric": k, "value": v} for k, v in result["summary"].items()],
             notes=f"checkpoint: `{params.paths.sft_dir}`")
     return result["summary"]

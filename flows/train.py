@@ -13,7 +13,7 @@ from prefect import flow, task
 from tqdm import tqdm
 
 from flows.common import load, main, publish
-from tspo_core.io import write_json, write_jsonl
+from tspo_core.io import scalar_columns, write_csv, write_json, write_jsonl
 from tspo_core.train.rl import Dist, run_rl
 
 SUMMARY_KEYS = ("reward_mean", "em", "folr_share", "zero_var_share_o", "zero_var_share_s", "kl", "entropy")
@@ -35,6 +35,7 @@ def train(params_path: str, estimator: str) -> list[dict]:
     dist = _init_distributed()
     out_dir = Path(params.paths.rl_dir) / estimator
     curve = Path(params.paths.metrics_dir) / f"train_{estimator}.jsonl"
+    curve_csv = curve.with_suffix(".csv")  # the same records, scalar columns only, for `dvc plots`
     bar = tqdm(total=params.train.steps, desc=f"train@{estimator}", unit="step", disable=dist.rank != 0)
 
     def on_step(rec: dict, history: list[dict]) -> None:
@@ -43,6 +44,7 @@ def train(params_path: str, estimator: str) -> list[dict]:
         bar.refresh()
         if dist.rank == 0:  # the whole history (resumed steps included), rewritten atomically
             write_jsonl(curve, history)
+            write_csv(curve_csv, history, scalar_columns(history))
 
     try:
         full = run_rl(params, estimator, out_dir, on_step=on_step, dist=dist)
@@ -50,6 +52,7 @@ def train(params_path: str, estimator: str) -> list[dict]:
         bar.close()
     if dist.rank == 0:
         write_jsonl(curve, full)
+        write_csv(curve_csv, full, scalar_columns(full))
     return full
 
 
