@@ -9,6 +9,8 @@ next-token loss on the policy's tokens only.
    answer taken from the evidence, or a redundant repeated search), so that RL has something to improve.
 3. Loss: cross-entropy on policy tokens (observations and the prompt are masked), length-bucketed batches,
    AdamW with linear warmup and cosine decay, stopped by `max_steps` or `max_minutes`, whichever comes first.
+   `sft.obs_loss_weight > 0` adds a weighted next-token loss on observation tokens (for a model trained from
+   scratch, which has never read a passage; the logged `loss` stays the policy-token loss).
 """
 
 from __future__ import annotations
@@ -171,6 +173,12 @@ def sft_train(model, pad_id: int, segments: Sequence[Sequence], cfg: SFTConfig,
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
             targets = ids[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[target_mask].float(), targets[target_mask])
+            obs_loss = None
+            if cfg.obs_loss_weight > 0:
+                obs_mask = t.obs_mask[:, 1:].to(device).bool()
+                if obs_mask.any():
+                    obs_loss = torch.nn.functional.cross_entropy(logits[obs_mask].float(), targets[obs_mask])
+                    loss = loss + cfg.obs_loss_weight * obs_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,7 +186,9 @@ def sft_train(model, pad_id: int, segments: Sequence[Sequence], cfg: SFTConfig,
             sched.step()
             with torch.no_grad():
                 acc = (logits[target_mask].argmax(-1) == targets[target_mask]).float().mean()
-            rec = {"step": step, "loss": loss.item(), "token_acc": acc.item(), "grad_norm": grad_norm.item(),
+            policy_loss = loss.item() - (cfg.obs_loss_weight * obs_loss.item() if obs_loss is not None else 0.0)
+            rec = {"step": step, "loss": policy_loss, "obs_loss": obs_loss.item() if obs_loss is not None else None,
+                   "token_acc": acc.item(), "grad_norm": grad_norm.item(),
                    "lr": sched.get_last_lr()[0], "tokens": int(target_mask.sum()),
                    "elapsed_s": round(time.monotonic() - t0, 2)}
             history.append(rec)
