@@ -82,7 +82,10 @@ def main(flow: Callable[..., Any], description: str, options: Mapping[str, dict]
     The params file and the options are validated before the flow run starts (`check_inputs`), so a typo fails in
     about a second, with one line naming the key, instead of after the orchestrator has started. The library's
     INFO messages (`resumed from ... at step k`, `resuming, n of m examples already evaluated`, shards encoded) are
-    shown: they say what a rerun after a crash did."""
+    shown: they say what a rerun after a crash did.
+
+    After the flow returns, the stage is logged to W&B (`flows.tracking`: config, metrics, outputs as reference
+    artifacts with lineage; a failed flow is logged as a failed run). Tracking never changes the exit status."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     for flag, kwargs in (options or {}).items():
@@ -92,7 +95,27 @@ def main(flow: Callable[..., Any], description: str, options: Mapping[str, dict]
     logging.getLogger("tspo_core").setLevel(logging.INFO)
     try:
         check_inputs(params_path, args)
-        flow(params_path=params_path, **args)
     except TSPOError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    try:
+        flow(params_path=params_path, **args)
+    except BaseException as err:
+        if not isinstance(err, KeyboardInterrupt) and not (isinstance(err, SystemExit) and not err.code):
+            _track(flow, params_path, args, failed=True)
+        if isinstance(err, TSPOError):
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    _track(flow, params_path, args, failed=False)
+
+
+def _track(flow: Callable[..., Any], params_path: str, options: Mapping[str, Any], failed: bool) -> None:
+    """W&B tracking of the stage run (`flows.tracking`); any failure there is a warning, never the stage's."""
+    try:
+        from flows import tracking
+
+        name = getattr(flow, "name", None) or getattr(flow, "__name__", "")
+        tracking.track_stage(name, params_path, options, failed=failed)
+    except Exception as err:  # noqa: BLE001 - the stage's outputs are written; tracking must not fail it
+        print(f"warning: W&B tracking: {type(err).__name__}: {err}", file=sys.stderr)

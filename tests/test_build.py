@@ -302,3 +302,20 @@ def test_real_world_generator(tmp_path):
             assert summary["datasets"][f][split] == n, (f, split)
     build_datasets(cfg, tmp_path / "b")
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+
+
+def test_real_sample_preset_names_the_shared_files_and_builds(real_qa_dir, tmp_path, monkeypatch):
+    """configs/real_qa_sample.yaml (README: evaluate your checkpoint on real questions) points at the real samples
+    with paths relative to the repository root, and its data build imports all seven datasets."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    params = load_params(repo / "configs" / "real_qa_sample.yaml")
+    files = params.data.files
+    assert Path(files.corpus).resolve() == (real_qa_dir / "corpus.jsonl").resolve()
+    assert sorted(files.eval) == sorted(FAMILIES)
+    summary = build_datasets(params.data, tmp_path / "data")
+    assert (tmp_path / "data" / "corpus.jsonl").is_file()
+    for name in FAMILIES:
+        assert (tmp_path / "data" / name / "test.jsonl").stat().st_size > 0, name
+    assert summary["corpus"] == 6742
+    assert summary["rl_train"] == 200  # the nq sample is the preset's train file
