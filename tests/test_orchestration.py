@@ -853,3 +853,22 @@ def test_deployment_runs_on_a_postgres_backed_server(tmp_path, postgres_url):
     assert manifest  # the stage ran in the project copy ...
     lock = _yaml(project / "dvc.lock")
     assert lock["stages"]["data"]["params"]["params.yaml"]["data"]["synthetic"]["n_worlds"] == 4  # ... on tiny.yaml
+
+
+def test_dvc_artifacts_are_stage_outputs():
+    """The `artifacts:` section of dvc.yaml names the index, the SFT model and both RL models, each a stage out."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    outs = set()
+    for stage in spec["stages"].values():
+        items = stage["foreach"] if "foreach" in stage else [None]
+        body = stage.get("do", stage)
+        for item in items:
+            for out in body.get("outs", []):
+                path = out if isinstance(out, str) else next(iter(out))
+                outs.add(path.replace("${item}", str(item)).replace("${key}", str(item)))
+    artifacts = spec["artifacts"]
+    assert {a["path"] for a in artifacts.values()} == {"artifacts/index", "artifacts/sft", "artifacts/rl/grpo",
+                                                        "artifacts/rl/tspo"}
+    for name, a in artifacts.items():
+        assert a["path"] in outs, name
+        assert a["type"] in {"index", "model"} and a["desc"], name
