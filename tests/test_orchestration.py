@@ -37,9 +37,10 @@ import yaml
 from pydantic import ValidationError
 
 from conftest import REPO
+from dvc_support import make_project_copy
 from flows.pipeline import (PipelineError, PipelineOptions, check_params_key, dvc_command, execute, pipeline,
                             read_metric_rows, stream_command)
-from tspo_core.config import Params, dump_params, load_params
+from tspo_core.config import Params, load_params
 from tspo_core.procs import stop_process as _stop
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -544,24 +545,6 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # orphaned children (a flow run, dvc, a stage), if any
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def make_project_copy(dest: Path) -> Path:
-    """A git repository with this checkout's files (tracked and untracked, not ignored) and params.yaml =
-    configs/tiny.yaml resolved: a throwaway workspace for `dvc repro` / `dvc exp run`."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                            capture_output=True).stdout.split(b"\0")
-    for name in filter(None, listed):
-        src = REPO / os.fsdecode(name)
-        if src.is_file():
-            (dest / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / os.fsdecode(name))
-    (dest / "params.yaml").write_text(dump_params(load_params(REPO / "configs" / "tiny.yaml")), encoding="utf-8")
-    git = ["git", "-c", "user.name=tspo test", "-c", "user.email=test@localhost", "-c", "commit.gpgsign=false"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "snapshot for the orchestration test"], cwd=dest, check=True)
-    return dest
 
 
 @dataclass
