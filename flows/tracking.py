@@ -289,12 +289,11 @@ def _read_json(path: Path) -> Any:
 
 
 def _log_history(run: Any, path: Path) -> int:
+    from tspo_core.report import read_history  # the report's reader: blank and torn last lines handled
+
     last = -1
     n = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in read_history(path):
         step = rec.get("step")
         if not isinstance(step, int) or step <= last:
             continue
