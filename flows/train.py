@@ -25,6 +25,8 @@ def _init_distributed() -> Dist:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            if torch.cuda.is_available():  # one GPU per rank: "cuda" below means this rank's device
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Dist.from_env()
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tspo_core.config import load_params
+from tspo_core.config import dump_params, load_params
 from tspo_core.data.build import build_datasets
 from tspo_core.evaluate import checkpoint_for, run_evaluate
 from tspo_core.io import write_jsonl
@@ -63,6 +63,39 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     text = report.read_text()
     assert "TSPO" in text and "GRPO" in text and "SFT" in text
     assert (tmp_path / "reports" / "training_curves.png").stat().st_size > 1000
+
+    # the TSPO-vs-GRPO benchmark on the same SFT checkpoint: 2 seeds x 2 methods + one extra alpha, 2 steps each
+    (tmp_path / "params.yaml").write_text(dump_params(params), encoding="utf-8")
+    bench = _load_benchmark()
+    out = tmp_path / "bench"
+    assert bench.main(["--params", str(tmp_path / "params.yaml"), "--estimators", "grpo", "tspo", "--seeds", "0",
+                       "1", "--alphas", str(params.reward.folr_alpha), "1.0", "--steps", "2", "--eval-every", "1",
+                       "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["runs"]) == ["grpo_s0", "grpo_s1", "tspo_a1_s0", "tspo_s0", "tspo_s1"]
+    for run in results["runs"].values():
+        assert run["steps"] == 2 and [x for x, _ in run["dev_curve"]] == [1, 2] and 0 <= run["test_em"] <= 1
+    assert results["runs"]["grpo_s0"]["test_em"] == json.loads(
+        (out / "runs" / "grpo_s0" / "metrics" / "eval_grpo_s0.json").read_text())["average"]["em"]
+    text = (out / "results.md").read_text()
+    assert "| GRPO |" in text and "| TSPO |" in text and "alpha sweep" in text
+    for fig in ("dev_em.png", "zero_variance.png", "alpha_sweep.png"):
+        assert (out / fig).stat().st_size > 1000
+    # a rerun finds every run on disk and trains nothing
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert bench.main(["--params", str(tmp_path / "params.yaml"), "--estimators", "grpo", "tspo", "--seeds", "0",
+                       "1", "--alphas", str(params.reward.folr_alpha), "1.0", "--steps", "2", "--eval-every", "1",
+                       "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+
+
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tspo_vs_grpo", REPO / "benchmarks" / "tspo_vs_grpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _weights(path):

@@ -14,8 +14,8 @@ from tspo_core.agent.rewards import CATEGORIES
 from tspo_core.config import FAMILIES
 from tspo_core.errors import DataError
 from tspo_core.evaluate import markdown_table
-from tspo_core.report import build_report, final_value, moving_average, read_eval_metrics, read_histories, \
-    read_history, series
+from tspo_core.report import build_report, final_value, mean_std, moving_average, read_eval_metrics, \
+    read_histories, read_history, series, steps_to_reach
 
 
 def _eval(run: str, base: float, datasets=FAMILIES) -> dict:
@@ -77,6 +77,21 @@ def test_build_report_writes_tables_and_figures(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
 
 
+def test_dev_em_gets_a_column_and_a_panel_when_logged(tmp_path):
+    histories = {"grpo": _history(20, 0.2, 0.001), "tspo": _history(20, 0.2, 0.002)}
+    for est, base in (("grpo", 0.10), ("tspo", 0.20)):
+        for rec in histories[est][9::10]:  # steps 10 and 20
+            rec["dev_em"] = base + rec["step"] / 100
+    text = build_report({"tspo": _eval("tspo", 0.4)}, histories, tmp_path).read_text(encoding="utf-8")
+    header = next(line for line in text.splitlines() if line.startswith("| Estimator"))
+    assert header.startswith("| Estimator | Steps | dev_em | reward_mean |")
+    # the last evaluation (step 20), not a mean over the sparse records
+    assert "| GRPO | 20 | 0.300 |" in text and "| TSPO | 20 | 0.400 |" in text
+    assert "dev_em is the greedy dev EM of the last evaluation" in text
+    img = mpimg.imread(tmp_path / "training_curves.png")
+    assert img.shape[0] > 1.3 * img.shape[1] * 0.7  # three rows of panels (10 x 10.5 in), not two (10 x 7)
+
+
 def test_missing_keys_and_missing_inputs_are_tolerated(tmp_path):
     evals = {"sft": _eval("sft", 0.2, datasets=("nq", "hotpotqa")), "tspo": _eval("tspo", 0.3)}
     histories = {"grpo": _history(8, 0.1, 0.01, drop=("zero_var_share_s", *CATEGORIES)),
@@ -120,3 +135,24 @@ def test_readers(tmp_path):
     (tmp_path / "eval_broken.json").write_text('{"datasets": {}}', encoding="utf-8")
     with pytest.raises(DataError, match="eval_broken.json"):
         read_eval_metrics(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# seed aggregation for the TSPO-vs-GRPO benchmark
+# ----------------------------------------------------------------------------------------------------------------
+def test_steps_to_reach_is_the_first_step_at_or_above_the_target():
+    hist = [{"step": 1, "em": 0.5}, {"step": 5, "dev_em": 0.10}, {"step": 10, "dev_em": 0.25},
+            {"step": 15, "dev_em": None}, {"step": 20, "dev_em": 0.40}]
+    assert steps_to_reach(hist, "dev_em", 0.25) == 10  # reached exactly
+    assert steps_to_reach(hist, "dev_em", 0.3) == 20   # the null record is skipped
+    assert steps_to_reach(hist, "dev_em", 0.05) == 5
+    assert steps_to_reach(hist, "dev_em", 0.41) is None
+    assert steps_to_reach(hist, "missing", 0.0) is None
+
+
+def test_mean_std_uses_the_sample_standard_deviation():
+    m, s = mean_std([0.10, 0.20, 0.60])
+    assert m == pytest.approx(0.3)
+    assert s == pytest.approx(math.sqrt(((0.2) ** 2 + 0.1 ** 2 + 0.3 ** 2) / 2))  # = sqrt(0.07)
+    assert mean_std([0.4]) == (0.4, 0.0)
+    assert mean_std([]) is None

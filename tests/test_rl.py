@@ -34,7 +34,7 @@ class DictRetriever:
         return [next((v for k, v in CORPUS.items() if k in q), [])[:top_k] for q in queries]
 
 
-def make_trainer(estimator="tspo", steps=3, world=1, rank=0, seed=0, **train_kw):
+def make_trainer(estimator="tspo", steps=3, world=1, rank=0, seed=0, dev_sets=None, **train_kw):
     tok = build_tokenizer(WORDS, SYL)
     tiny = TinyModelConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                            num_key_value_heads=2)
@@ -46,7 +46,7 @@ def make_trainer(estimator="tspo", steps=3, world=1, rank=0, seed=0, **train_kw)
                      AdvantageConfig(estimator=estimator), OptimConfig(lr=1e-2, warmup_ratio=0.0),
                      TrainConfig(steps=steps, prompts_per_step=4, mini_batch_size=16, checkpoint_every=2,
                                  micro_batch_size=train_kw.pop("micro_batch_size", 8), seed=seed, **train_kw))
-    return RLTrainer(model, ref, tok, engine, QUESTIONS, cfg, Dist(rank, world))
+    return RLTrainer(model, ref, tok, engine, QUESTIONS, cfg, Dist(rank, world), dev_sets=dev_sets)
 
 
 def params_of(trainer):
@@ -110,6 +110,33 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypa
     assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in full.history]
     pf, pr = params_of(full), params_of(resumed)
     assert all(torch.equal(pf[k], pr[k]) for k in pf)
+
+
+def test_dev_em_is_logged_on_schedule_and_does_not_change_training(tmp_path):
+    dev = {"nq": QUESTIONS[:2], "hotpotqa": QUESTIONS[1:]}
+    plain = make_trainer(steps=3)
+    plain.fit(tmp_path / "plain")
+    watched = make_trainer(steps=3, dev_sets=dev, eval_every=2)
+    watched.fit(tmp_path / "watched")
+    assert ["dev_em" in h for h in watched.history] == [False, True, True]  # every 2 steps, and the last one
+    assert [h["reward_mean"] for h in watched.history] == [h["reward_mean"] for h in plain.history]
+    pp, pw = params_of(plain), params_of(watched)
+    assert all(torch.equal(pp[k], pw[k]) for k in pp)
+    last = watched.history[-1]
+    assert last["dev_em"] == pytest.approx((last["dev_em_nq"] + last["dev_em_hotpotqa"]) / 2)
+
+
+def test_dev_em_scores_the_greedy_answers():
+    from tspo_core.train.sft import OracleBackend
+
+    dev = {"nq": QUESTIONS[:2], "hotpotqa": QUESTIONS[2:3]}
+    tr = make_trainer(dev_sets=dev, eval_every=1)
+    # a scripted policy: "Kalora" for every question (right for Bobani, wrong for Mitu)
+    scripts = {tuple(tr.engine.prompt_ids(q.question)): (["<answer> Kalora </answer>"], q.golden_answers)
+               for q in QUESTIONS}
+    tr.engine.backend = OracleBackend(tr.tok, scripts)
+    assert tr.dev_em() == {"dev_em": pytest.approx(0.75), "dev_em_nq": 0.5, "dev_em_hotpotqa": 1.0}
+    assert make_trainer(dev_sets=dev, rank=1, world=2).dev_em() == {}  # rank 0 alone evaluates
 
 
 def test_resume_from_a_broken_checkpoint_fails_loudly(tmp_path):

@@ -163,7 +163,8 @@ class IndexConfig(_Section):
     passage_prefix: str = Field("", description="Prepended to passages (e5: `passage: `).")
     max_length: int = Field(256, gt=0, description="Encoder max tokens per passage/query.")
     batch_size: int = Field(64, gt=0, description="Passages per encoder batch (length-sorted, padded per batch).")
-    fp16: bool = Field(True, description="Use fp16 on GPU (ignored on CPU).")
+    fp16: bool = Field(True, description="On GPUs: the encoder in fp16, and GPU shards of a flat index stored in "
+                       "fp16 (half the memory, approximate scores). Ignored on CPU.")
     cpu_batch_tokens: int = Field(2048, gt=0, description="On CPU, also cap each encoder batch at this many "
                                   "token positions (batch x padded length), which keeps activations in cache "
                                   "(~1.5x faster than 64 x 256 on 2 cores); not applied on GPU.")
@@ -255,10 +256,16 @@ class ModelConfig(_Section):
 
 
 class SFTConfig(_Section):
+    enabled: bool = Field(True, description="false: no warmup; the stage writes the `model.name_or_path` "
+                          "checkpoint unchanged to paths.sft_dir (the paper setting: RL from the base model).")
     trajectories: str | None = Field(None, description="User-supplied warmup trajectories (jsonl); null: "
                                      "generate them with the oracle agent.")
     imperfect_share: float = Field(0.2, ge=0, le=1, description="Share of oracle trajectories made imperfect on "
                                    "purpose (a weaker query or a wrong final answer) so RL has room to improve.")
+    premature_share: float = Field(0.0, ge=0, le=1, description="Share of multi-hop oracle trajectories that stop "
+                                   "after an earlier hop and answer that hop's entity (a lazy teacher): a habit "
+                                   "RL must unlearn, and where a first-occurrence reward has signal (the later "
+                                   "search finds the answer) even when the final answer is wrong.")
     max_steps: int = Field(1200, gt=0, description="Optimizer steps.")
     max_minutes: float = Field(5.0, gt=0, description="Wall-clock cap; training stops at whichever comes first.")
     batch_size: int = Field(16, gt=0, description="Trajectories per step.")
@@ -279,7 +286,10 @@ class SFTConfig(_Section):
 # RL: rollout, reward, advantage, optim, train
 # ----------------------------------------------------------------------------------------------------------------
 class RolloutConfig(_Section):
-    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend (vllm: GPU extra).")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend (vllm: GPU extra; evaluation "
+                                           "only: RL would need the weights synced into vLLM after every update).")
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of the GPU vLLM may take "
+                                               "(weights + KV cache), with backend vllm.")
     group_size: int = Field(5, gt=0, description="G: rollouts per question.")
     prompt_template: Literal["search_r1", "compact"] = Field("search_r1", description="Instruction before "
                                                              "`Question: q` (tspo_core.agent.protocol).")
@@ -321,6 +331,10 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(32, gt=0, description="Rollouts per forward/backward (memory); results do not "
                                   "depend on it (one global loss denominator).")
     checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints.")
+    eval_every: int = Field(0, ge=0, description="Greedy dev EM every N steps (and at the last step), logged as "
+                            "`dev_em` (unweighted mean over families) and `dev_em_<family>`; 0: off.")
+    eval_questions: int = Field(30, gt=0, description="Dev questions per family for `eval_every` (fixed-seed "
+                                "subset).")
     seed: int = Field(0, description="Seed.")
 
 

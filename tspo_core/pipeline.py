@@ -6,6 +6,7 @@ them, and the Prefect flows only call the drivers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -52,6 +53,33 @@ def init_policy(model: ModelConfig, paths: PathsConfig, seed: int = 0):
     return build_tiny_model(model.tiny, tokenizer, seed=seed).to(device()), tokenizer
 
 
+def training_precision(model: ModelConfig):
+    """(the ModelConfig to load a policy that will be trained, the autocast context to train it in).
+
+    `model.dtype: bfloat16` trains fp32 master weights under bf16 autocast: AdamW on bf16 weights rounds most
+    updates away at the paper's lr 1e-6 (a bf16 weight near 0.02 moves in steps of about 1e-4). float16 training
+    would need loss scaling, which is not implemented, and LoRA is not implemented yet: both fail here, by name,
+    instead of training something else than asked.
+    """
+    if model.lora_r:
+        raise ConfigError(f"model.lora_r = {model.lora_r}: LoRA is not implemented in this version; set "
+                          "model.lora_r: 0 (full-parameter training)")
+    if model.dtype == "float16":
+        raise ConfigError("model.dtype = float16: training in fp16 needs loss scaling, which is not implemented; "
+                          "use bfloat16 (GPUs) or float32")
+    if model.dtype == "bfloat16":
+        return (model.model_copy(update={"dtype": "float32"}),
+                torch.autocast(device_type=device(), dtype=torch.bfloat16))
+    return model, contextlib.nullcontext()
+
+
+def prepare_for_training(policy, model: ModelConfig):
+    """Apply `model.gradient_checkpointing` to a policy about to be trained; returns it."""
+    if model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    return policy
+
+
 def rollout_settings(rollout: RolloutConfig, retrieval: RetrievalConfig, model: ModelConfig) -> RolloutSettings:
     return RolloutSettings(max_turns=rollout.max_turns, max_new_tokens_per_turn=rollout.max_new_tokens_per_turn,
                            max_obs_tokens=rollout.max_obs_tokens, max_context_tokens=rollout.max_context_tokens,
@@ -65,7 +93,8 @@ def make_engine(policy, tokenizer, retriever, rollout: RolloutConfig, retrieval:
     if rollout.backend == "vllm":
         if checkpoint is None:
             raise ConfigError("rollout.backend = vllm needs a saved checkpoint directory to load")
-        backend = VLLMBackend.from_pretrained(checkpoint, dtype=model.dtype)
+        backend = VLLMBackend.from_pretrained(checkpoint, dtype=model.dtype,
+                                              gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
     else:
         backend = HFBackend(policy, tokenizer)
     return RolloutEngine(backend, tokenizer, retriever, rollout_settings(rollout, retrieval, model))

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.md"
 CURVE_KEYS: tuple[str, ...] = ("reward_mean", "em", "zero_var_share_o", "zero_var_share_s")
-"""Panels of `training_curves.png`, in order."""
+"""Panels of `training_curves.png`, in order; a `dev_em` panel (greedy dev EM, `train.eval_every`) comes first
+when some history has it."""
 CATEGORY_LABELS: dict[str, str] = {"complete_success": "complete success", "near_miss": "near miss",
                                    "success_without_retrieval": "success w/o retrieval",
                                    "complete_failure": "complete failure"}
@@ -132,6 +133,33 @@ def final_value(history: Sequence[Mapping[str, Any]], key: str, share: float = 0
     return sum(ys[-k:]) / k
 
 
+def steps_to_reach(history: Sequence[Mapping[str, Any]], key: str, target: float) -> float | None:
+    """The first step whose `key` is at least `target` (records without a finite value are skipped); None when
+    none reaches it.
+
+    >>> steps_to_reach([{"step": 5, "dev_em": 0.1}, {"step": 10, "dev_em": 0.3}], "dev_em", 0.25)
+    10.0
+    """
+    for x, y in zip(*series(history, key)):
+        if y >= target:
+            return x
+    return None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float] | None:
+    """Mean and sample standard deviation (0 for a single value); None for no values.
+
+    >>> mean_std([0.1, 0.3])
+    (0.2, 0.1414213562373095)
+    """
+    if not values:
+        return None
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
 def _color(run: str, i: int) -> str:
     return _RUN_COLORS.get(run, _OTHER_COLORS[i % len(_OTHER_COLORS)])
 
@@ -162,15 +190,22 @@ def _plot_curve(ax: Any, history: Sequence[Mapping[str, Any]], key: str, label: 
 
 
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path | None:
-    """2 x 2 panels (`CURVE_KEYS`), one line per estimator in each; None when no history has any of the keys."""
+    """Panels `CURVE_KEYS` (2 x 2; 3 x 2 with `dev_em`), one line per estimator in each; None when no history has
+    any of the keys."""
     from matplotlib.figure import Figure
 
     runs = ordered_runs(histories)
     if not any(series(histories[r], k)[1] for r in runs for k in CURVE_KEYS):
         return None
-    fig = Figure(figsize=(10, 7), layout="constrained")
-    axes = fig.subplots(2, 2).flatten()
-    for ax, key in zip(axes, CURVE_KEYS):
+    keys = CURVE_KEYS
+    if any(series(histories[r], "dev_em")[1] for r in runs):
+        keys = ("dev_em", "em", "reward_mean", "zero_var_share_o", "zero_var_share_s")
+    rows = (len(keys) + 1) // 2
+    fig = Figure(figsize=(10, 3.5 * rows), layout="constrained")
+    axes = fig.subplots(rows, 2).flatten()
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes, keys):
         drawn = [_plot_curve(ax, histories[r], key, run_label(r), _color(r, i)) for i, r in enumerate(runs)]
         ax.set_title(key)
         ax.set_xlabel("step")
@@ -285,6 +320,8 @@ def training_table(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """Per estimator: steps logged and the mean of the last 10% of steps of the main training signals."""
     keys = ("reward_mean", "em", "folr_share", "zero_var_share_o", "zero_var_share_s", "near_miss", "kl",
             "entropy", "response_tokens")
+    if any(series(h, "dev_em")[1] for h in histories.values()):
+        keys = ("dev_em", *keys)  # the last greedy dev evaluation (final_value of a sparse key: its last record)
     rows = [[run_label(r), str(len(h)), *(_fmt(final_value(h, k)) for k in keys)]
             for r, h in ((r, histories[r]) for r in ordered_runs(histories))]
     return _table(["Estimator", "Steps", *keys], rows)
@@ -358,7 +395,9 @@ def build_report(eval_metrics: Mapping[str, Mapping[str, Any]],
 
     md += ["## Training", ""]
     if train_histories:
-        md += [training_table(train_histories), "", "Values are means over the last 10% of logged steps.", ""]
+        dev = any(series(h, "dev_em")[1] for h in train_histories.values())
+        md += [training_table(train_histories), "", "Values are means over the last 10% of logged steps"
+               + ("; dev_em is the greedy dev EM of the last evaluation (`train.eval_every`)." if dev else "."), ""]
         for name, fn, caption in (
                 ("training_curves.png", plot_training_curves, "Training curves"),
                 ("zero_variance.png", plot_zero_variance, "Zero-variance groups under o and s"),

@@ -45,7 +45,8 @@ def faiss_gpu_count() -> int:
 
 def maybe_shard_to_gpus(index: Any, faiss_type: str, enabled: bool, fp16: bool = False) -> Any:
     """With faiss-gpu and GPUs present, shard a flat index across all of them (each GPU holds 1/n of the vectors;
-    results are merged exactly). Otherwise, or for hnsw/ivfpq, the CPU index is returned unchanged."""
+    the shards' top-k are merged exactly; `fp16` stores the vectors in fp16, so scores become approximate).
+    Otherwise, or for hnsw/ivfpq, the CPU index is returned unchanged."""
     if not enabled or faiss_type != "flat":
         return index
     n_gpus = faiss_gpu_count()

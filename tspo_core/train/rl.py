@@ -12,6 +12,10 @@ Algorithm, per step (TSPO.md, REFERENCE.md "Reference training settings"):
    default; micro-batched with one global denominator, so the result does not depend on micro-batch size or on the
    number of ranks (gradients are summed across ranks with all-reduce).
 6. A non-finite loss or gradient skips the optimizer step (logged as `skipped_nonfinite`); parameters stay finite.
+7. Optionally (`train.eval_every`), greedy EM on fixed dev subsets after the update, logged as `dev_em` (the
+   unweighted mean over families, like the report's Avg.) and `dev_em_<family>`: learning measured the way the
+   final evaluation measures it, not only on the sampled training rollouts. It runs on rank 0 under a forked RNG,
+   so it does not change the training run.
 
 Plumbing: linear warmup (`optim.warmup_ratio`) then constant LR, as in Search-R1's verl setting; checkpoints with
 optimizer, scheduler and RNG states every `train.checkpoint_every` steps (atomic); `fit` resumes from the last one.
@@ -26,7 +30,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,7 @@ from tspo_core.agent.rollout import RolloutBatch, RolloutEngine
 from tspo_core.config import AdvantageConfig, OptimConfig, RewardConfig, RolloutConfig, TrainConfig
 from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError, TSPOError
+from tspo_core.metrics import exact_match
 from tspo_core.train.checkpoint import CheckpointError, load_trainer_state, rng_state, save_checkpoint, \
     set_rng_state
 
@@ -117,10 +122,17 @@ class Dist:
         return cls()
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over ranks in place. NCCL reduces only CUDA tensors: a CPU tensor (the loss denominator, the
+        finite flag) travels through the current GPU and back."""
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            if not x.is_cuda and dist.get_backend() == "nccl":
+                y = x.cuda()
+                dist.all_reduce(y, op=dist.ReduceOp.SUM)
+                x.copy_(y.cpu())
+            else:
+                dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
 
@@ -138,9 +150,11 @@ class RLSettings:
 
 class RLTrainer:
     def __init__(self, model, ref_model, tokenizer, engine: RolloutEngine, questions: Sequence[QAExample],
-                 cfg: RLSettings, dist: Dist = Dist(), start_id: str = ""):
+                 cfg: RLSettings, dist: Dist = Dist(), start_id: str = "",
+                 dev_sets: Mapping[str, Sequence[QAExample]] | None = None):
         if not questions:
             raise TrainingError("RL training set is empty")
+        self.dev_sets = {k: list(v) for k, v in (dev_sets or {}).items() if v}
         self.model, self.ref, self.tok, self.engine, self.cfg, self.dist = (model, ref_model, tokenizer, engine,
                                                                            cfg, dist)
         self.questions = list(questions)
@@ -242,6 +256,18 @@ class RLTrainer:
         sums["lr"] = self.sched.get_last_lr()[0]
         return sums
 
+    def dev_em(self, batch_size: int = 64) -> dict[str, float]:
+        """`greedy_dev_em` of the current policy (rank 0 only; {} elsewhere). The RNG is forked, so evaluating
+        does not change the training run."""
+        if self.dist.rank != 0 or not self.dev_sets:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=[]):
+            out = greedy_dev_em(self.engine, self.dev_sets, batch_size)
+        self.model.train(was_training)
+        return out
+
     def _micro(self, rows: Sequence[int], lengths: torch.Tensor) -> list[torch.Tensor]:
         """Micro-batches of `rows`, sorted by length so each is padded only to its own longest rollout."""
         order = sorted(rows, key=lambda r: int(lengths[r]))
@@ -263,6 +289,9 @@ class RLTrainer:
                "response_tokens": stats["response_tokens_mean"], "turns": stats["turns_mean"],
                "searches": stats["searches_mean"], "invalid_rate": stats["invalid_action_rate"],
                "rollout_s": round(t_roll, 3), "step_s": round(time.monotonic() - t0, 3)}
+        every = self.cfg.train.eval_every
+        if self.dev_sets and every and ((self.step + 1) % every == 0 or self.step + 1 == self.cfg.train.steps):
+            rec.update(self.dev_em())
         # JSON has no NaN: the loss of a skipped non-finite step is recorded as null (see skipped_nonfinite)
         rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
         self.step += 1
@@ -345,7 +374,7 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     from tspo_core.config import AdvantageConfig
     from tspo_core.data.loaders import load_flashrag_jsonl
     from tspo_core.io import atomic_dir
-    from tspo_core.pipeline import device, make_engine, open_retriever
+    from tspo_core.pipeline import device, make_engine, open_retriever, prepare_for_training, training_precision
     from tspo_core.policy import load_policy
 
     if params.rollout.backend == "vllm":
@@ -354,7 +383,9 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
                           "evaluation, where weights are fixed).")
     out_dir = Path(out_dir)
     sft_dir = Path(params.paths.sft_dir)
-    policy, tokenizer = load_policy(sft_dir, params.model, device())
+    train_model, autocast = training_precision(params.model)
+    policy, tokenizer = load_policy(sft_dir, train_model, device())
+    prepare_for_training(policy, params.model)
     ref = load_policy(sft_dir, params.model, device())[0] if params.optim.kl_coef > 0 else None
     questions = load_flashrag_jsonl(Path(params.paths.data_dir) / "rl_train.jsonl")
     retriever = open_retriever(params.retrieval, params.paths)
@@ -362,14 +393,52 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
                          checkpoint=str(sft_dir))
     adv = AdvantageConfig(**{**params.advantage.model_dump(), "estimator": estimator})
     cfg = RLSettings(params.rollout, params.reward, adv, params.optim, params.train)
-    trainer = RLTrainer(policy, ref, tokenizer, engine, questions, cfg, dist, start_id=_dir_id(sft_dir))
-    history = trainer.fit(out_dir / "checkpoint", on_step=on_step)
+    dev_sets = dev_subsets(params) if params.train.eval_every else None
+    trainer = RLTrainer(policy, ref, tokenizer, engine, questions, cfg, dist, start_id=_dir_id(sft_dir),
+                        dev_sets=dev_sets)
+    with autocast:
+        history = trainer.fit(out_dir / "checkpoint", on_step=on_step)
     if dist.rank == 0:
         with atomic_dir(out_dir / "model") as tmp:
             for f in (out_dir / "checkpoint").iterdir():
                 if f.is_file() and f.name not in ("trainer_state.pt",):
                     shutil.copy2(f, tmp / f.name)
     return history
+
+
+def greedy_dev_em(engine: RolloutEngine, dev_sets: Mapping[str, Sequence[QAExample]],
+                  batch_size: int = 64) -> dict[str, float]:
+    """Greedy EM per dataset (`dev_em_<name>`) and their unweighted mean (`dev_em`)."""
+    out: dict[str, float] = {}
+    for name, examples in dev_sets.items():
+        hits = 0.0
+        for lo in range(0, len(examples), batch_size):
+            batch = engine.run(list(examples[lo:lo + batch_size]), group_size=1, temperature=0.0)
+            hits += sum(exact_match(r.answer, list(r.example.golden_answers)) for r in batch.rollouts)
+        out[f"dev_em_{name}"] = hits / len(examples)
+    return {"dev_em": sum(out.values()) / len(out), **out}
+
+
+def dev_subsets(params) -> dict[str, list[QAExample]]:
+    """`train.eval_questions` fixed-seed dev questions of each of `eval.datasets` that has a dev split (the test
+    split is never looked at during training); a warning names the datasets without one."""
+    from tspo_core.evaluate import subset
+    from tspo_core.pipeline import load_split
+
+    out, missing = {}, []
+    for name in params.eval.datasets:
+        path = Path(params.paths.data_dir) / name / "dev.jsonl"
+        examples = load_split(params.paths.data_dir, name, "dev") if path.is_file() else []
+        if examples:
+            out[name] = subset(examples, params.train.eval_questions, params.eval.seed)
+        else:
+            missing.append(name)
+    if missing:
+        log.warning("train.eval_every: no dev split for %s; dev EM averages the others", ", ".join(missing))
+    if not out:
+        raise ConfigError(f"train.eval_every = {params.train.eval_every} but no dataset in eval.datasets has a dev "
+                          f"split under {params.paths.data_dir}; set train.eval_every: 0")
+    return out
 
 
 def _dir_id(path: Path) -> str:

@@ -6,7 +6,9 @@ next-token loss on the policy's tokens only.
    prompts, observations and masks are exactly what RL and evaluation will see.
 2. A trajectory is kept only if every hop's answer appears in the observation of its search (the oracle must not
    teach answering without evidence). A share `sft.imperfect_share` is made imperfect on purpose (a wrong final
-   answer taken from the evidence, or a redundant repeated search), so that RL has something to improve.
+   answer taken from the evidence, or a redundant repeated search), so that RL has something to improve. A share
+   `sft.premature_share` of the multi-hop trajectories is a lazy teacher: it stops after an earlier hop and answers
+   that hop's entity (the bridge), a habit only the reward can correct: a later search is what finds the answer.
 3. Loss: cross-entropy on policy tokens (observations and the prompt are masked), length-bucketed batches,
    AdamW with linear warmup and cosine decay, stopped by `max_steps` or `max_minutes`, whichever comes first.
    `sft.obs_loss_weight > 0` adds a weighted next-token loss on observation tokens (for a model trained from
@@ -30,15 +32,22 @@ from tspo_core.agent.masks import build_masks
 from tspo_core.agent.rollout import Rollout, RolloutEngine
 from tspo_core.config import SFTConfig
 from tspo_core.data.schema import QAExample
+from tspo_core.errors import ConfigError
 from tspo_core.metrics import contains_answer
 
 
-def oracle_turns(example: QAExample, rng: random.Random, imperfect: bool) -> tuple[list[str], str]:
-    """The oracle's turn texts for `example` and the kind of trajectory ("oracle", "near_miss", "redundant")."""
+def oracle_turns(example: QAExample, rng: random.Random, imperfect: bool,
+                 premature: bool = False) -> tuple[list[str], str]:
+    """The oracle's turn texts for `example` and the kind of trajectory ("oracle", "near_miss", "redundant",
+    "premature"). `premature` applies to multi-hop questions only and wins over `imperfect`."""
     hops = example.metadata.get("hops") or []
     queries = [h["query"] for h in hops]
     answer = example.golden_answers[0]
     kind = "oracle"
+    if premature and len(hops) >= 2:
+        k = rng.randrange(1, len(hops))  # searches made before the lazy answer
+        turns = [f"<search> {q} </search>" for q in queries[:k]]
+        return [*turns, f"<answer> {hops[k - 1]['answer']} </answer>"], "premature"
     if imperfect and queries:
         kind = rng.choice(["near_miss", "redundant"])
         if kind == "redundant":
@@ -98,8 +107,10 @@ class OracleResult:
 
 def make_oracle_trajectories(examples: Sequence[QAExample], engine: RolloutEngine, imperfect_share: float,
                              seed: int, batch_size: int = 256,
-                             progress: Callable[[int], None] | None = None) -> OracleResult:
-    """Run the oracle through `engine` (its retriever is the real index). Questions need `metadata["hops"]`."""
+                             progress: Callable[[int], None] | None = None,
+                             premature_share: float = 0.0) -> OracleResult:
+    """Run the oracle through `engine` (its retriever is the real index). Questions need `metadata["hops"]`.
+    A trajectory is kept when every hop it searched for found that hop's answer in its observation."""
     rng = random.Random(seed)
     kept: list[Rollout] = []
     kinds: list[str] = []
@@ -108,13 +119,17 @@ def make_oracle_trajectories(examples: Sequence[QAExample], engine: RolloutEngin
         chunk = list(examples[start:start + batch_size])
         scripts, chunk_kinds = {}, []
         for ex in chunk:
-            turns, kind = oracle_turns(ex, rng, rng.random() < imperfect_share)
+            imperfect = rng.random() < imperfect_share
+            premature = premature_share > 0 and rng.random() < premature_share
+            turns, kind = oracle_turns(ex, rng, imperfect, premature)
             scripts[tuple(engine.prompt_ids(ex.question))] = (turns, ex.golden_answers)
             chunk_kinds.append(kind)
         engine.backend = OracleBackend(engine.tokenizer, scripts)
         batch = engine.run(chunk, group_size=1, temperature=0.0)
         for r, kind in zip(batch.rollouts, chunk_kinds):
             hops = r.example.metadata.get("hops") or []
+            if kind == "premature":
+                hops = hops[:r.num_searches]
             found = all(any(o is not None and contains_answer(o, [h["answer"]]) for o in r.observations)
                         for h in hops)
             if not found or r.answer is None:
@@ -247,10 +262,15 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
     (also written as `sft_summary.json` in the checkpoint) and the loss history."""
     from tspo_core.config import FAMILIES, dump_params
     from tspo_core.io import atomic_dir
-    from tspo_core.pipeline import init_policy, load_split, make_engine, open_retriever
+    from tspo_core.pipeline import init_policy, load_split, make_engine, open_retriever, prepare_for_training, \
+        training_precision
 
     cfg: SFTConfig = params.sft
-    policy, tokenizer = init_policy(params.model, params.paths, seed=cfg.seed)
+    if not cfg.enabled:
+        return _skip_sft(params)
+    train_model, autocast = training_precision(params.model)
+    policy, tokenizer = init_policy(train_model, params.paths, seed=cfg.seed)
+    prepare_for_training(policy, params.model)
     retriever = open_retriever(params.retrieval, params.paths)
     engine = make_engine(policy, tokenizer, retriever, params.rollout, params.retrieval, params.model)
     t0 = time.monotonic()
@@ -263,15 +283,18 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
             raise ValueError("sft: no training questions with a hop decomposition (metadata.hops); supply "
                              "sft.trajectories for real data")
         random.Random(cfg.seed).shuffle(train)
-        oracle = make_oracle_trajectories(train, engine, cfg.imperfect_share, cfg.seed)
+        oracle = make_oracle_trajectories(train, engine, cfg.imperfect_share, cfg.seed,
+                                          premature_share=cfg.premature_share)
         segments, kinds, dropped = [r.segments for r in oracle.rollouts], oracle.kinds, oracle.dropped
     t_data = time.monotonic() - t0
-    history = sft_train(policy, engine.pad_id, segments, cfg, on_step=progress)
+    with autocast:
+        history = sft_train(policy, engine.pad_id, segments, cfg, on_step=progress)
     policy.eval()
     engine.backend = HFBackend(policy, tokenizer)
     dev = [ex for name in FAMILIES for ex in load_split(params.paths.data_dir, name, "dev")[:cfg.validate_per_family]]
     summary = {"trajectories": len(segments), "dropped": dropped,
-               "imperfect": sum(k != "oracle" for k in kinds), "trajectory_seconds": round(t_data, 1),
+               "imperfect": sum(k != "oracle" for k in kinds),
+               "premature": sum(k == "premature" for k in kinds), "trajectory_seconds": round(t_data, 1),
                "steps": len(history), "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
                "final_loss": sum(h["loss"] for h in history[-20:]) / max(len(history[-20:]), 1),
                "final_token_acc": sum(h["token_acc"] for h in history[-20:]) / max(len(history[-20:]), 1),
@@ -282,3 +305,24 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
         (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         (tmp / "params.resolved.yaml").write_text(dump_params(params), encoding="utf-8")
     return {"summary": summary, "history": history}
+
+
+def _skip_sft(params) -> dict:
+    """`sft.enabled: false` (the paper setting: RL straight from the base model, as Search-R1 and TSPO do): the
+    stage writes the `model.name_or_path` checkpoint unchanged to `paths.sft_dir`, so RL and evaluation read their
+    starting point from one place either way."""
+    from tspo_core.config import dump_params
+    from tspo_core.io import atomic_dir
+    from tspo_core.pipeline import init_policy
+
+    if params.model.name_or_path is None:
+        raise ConfigError("sft.enabled = false needs model.name_or_path (a pretrained checkpoint); the tiny model "
+                          "is trained from scratch and cannot skip its warmup")
+    policy, tokenizer = init_policy(params.model, params.paths, seed=params.sft.seed)
+    summary = {"skipped": True, "checkpoint": params.model.name_or_path, "steps": 0}
+    with atomic_dir(params.paths.sft_dir) as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (tmp / "params.resolved.yaml").write_text(dump_params(params), encoding="utf-8")
+    return {"summary": summary, "history": []}
