@@ -44,6 +44,20 @@ def test_imperfect_oracle_repeats_a_search_or_defers_a_wrong_answer():
     assert kinds == {"redundant", "near_miss"}
 
 
+def test_premature_oracle_stops_at_an_earlier_hop_and_answers_its_entity():
+    stops = set()
+    for seed in range(20):
+        turns, kind = oracle_turns(_example(3), random.Random(seed), imperfect=True, premature=True)
+        assert kind == "premature"  # wins over `imperfect`
+        k = len(turns) - 1  # searches made
+        stops.add(k)
+        assert turns == [f"<search> q{i} </search>" for i in range(k)] + [f"<answer> a{k - 1} </answer>"]
+    assert stops == {1, 2}  # never before the first search, never after the last hop
+    # single-hop questions have no earlier hop: the oracle is unchanged
+    assert oracle_turns(_example(1), random.Random(0), imperfect=False, premature=True) == (
+        ["<search> q0 </search>", "<answer> Gold </answer>"], "oracle")
+
+
 def test_lr_factor_warmup_then_cosine_to_zero():
     assert lr_factor(0, 4, 12) == pytest.approx(0.25)
     assert lr_factor(3, 4, 12) == pytest.approx(1.0)
