@@ -237,6 +237,29 @@ def test_synthetic_build_layout(fake_world, tmp_path):
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8")) == summary
 
 
+def test_rl_worlds_are_kept_out_of_the_sft_train_splits(monkeypatch, tmp_path):
+    def generate(synthetic, seed):
+        world = _fake_world(seed)
+        for splits in world.datasets.values():  # train questions from sub-worlds 51, 52, 53 (of 54 training ones)
+            for i, ex in enumerate(splits["train"]):
+                ex.metadata["world"] = 51 + i
+        return world
+
+    monkeypatch.setattr(build_mod, "_generate_world", generate)
+    synth = SYNTH.model_copy(update={"n_rl_worlds": 2})  # 60 worlds, 6 for eval: RL-only worlds are 52 and 53
+    summary = build_datasets(DataConfig(source="synthetic", seed=7, synthetic=synth,
+                                        rl_train_families=["nq", "hotpotqa"]), tmp_path / "data")
+    out = tmp_path / "data"
+    for family in ("nq", "popqa", "hotpotqa"):  # every family's train split loses the RL worlds' questions
+        assert [e.id for e in load_flashrag_jsonl(out / family / "train.jsonl")] == [f"{family}-train-0"]
+    rl = [e.id for e in load_flashrag_jsonl(out / "rl_train.jsonl")]
+    assert rl == ["nq-train-1", "nq-train-2", "hotpotqa-train-1", "hotpotqa-train-2"]
+    assert summary["rl_worlds"] == [52, 53] and summary["rl_train"] == 4
+    assert summary["datasets"]["nq"]["train"] == 1 and summary["datasets"]["nq"]["dev"] == 2
+    with pytest.raises(ValueError, match="n_rl_worlds"):
+        SYNTH.model_validate({**SYNTH.model_dump(), "n_rl_worlds": 54})
+
+
 def test_synthetic_build_is_deterministic(fake_world, tmp_path):
     build_datasets(_synthetic_cfg(), tmp_path / "a")
     build_datasets(_synthetic_cfg(), tmp_path / "b")

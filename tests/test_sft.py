@@ -14,7 +14,7 @@ from tspo_core.agent.masks import Segment, build_masks
 from tspo_core.config import SFTConfig, TinyModelConfig
 from tspo_core.data.schema import QAExample
 from tspo_core.policy import build_tiny_model
-from tspo_core.train.sft import NEAR_MISS, lr_factor, oracle_turns, sft_train
+from tspo_core.train.sft import NEAR_MISS, _guess, lr_factor, oracle_turns, sft_train
 
 TINY = TinyModelConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                        num_key_value_heads=2, max_position_embeddings=128)
@@ -56,6 +56,32 @@ def test_premature_oracle_stops_at_an_earlier_hop_and_answers_its_entity():
     # single-hop questions have no earlier hop: the oracle is unchanged
     assert oracle_turns(_example(1), random.Random(0), imperfect=False, premature=True) == (
         ["<search> q0 </search>", "<answer> Gold </answer>"], "oracle")
+
+
+def test_premature_oracle_with_a_guess_may_answer_before_any_search():
+    stops = set()
+    for seed in range(30):
+        turns, kind = oracle_turns(_example(2), random.Random(seed), imperfect=False, premature=True, guess="Wrong")
+        stops.add(len(turns) - 1)
+        if len(turns) == 1:
+            assert turns == ["<answer> Wrong </answer>"]
+        else:
+            assert turns == ["<search> q0 </search>", "<answer> a0 </answer>"]
+    assert stops == {0, 1}
+    # a single-hop question can only be answered at once, with the guess
+    assert oracle_turns(_example(1), random.Random(0), imperfect=False, premature=True, guess="Wrong") == (
+        ["<answer> Wrong </answer>"], "premature")
+
+
+def test_guess_is_a_wrong_answer_of_the_same_relation():
+    def q(i, answer, relation):
+        return QAExample(id=f"q{i}", question="Q?", golden_answers=[answer], metadata={"relations": [relation]})
+
+    chunk = [q(0, "Kalora", "person.born_in"), q(1, "1911", "person.birth_year"), q(2, "Tuni", "person.born_in"),
+             q(3, "Kalora", "person.born_in")]
+    assert {_guess(chunk, 0, random.Random(s)) for s in range(20)} == {"Tuni"}  # never its own gold "Kalora"
+    assert _guess(chunk, 1, random.Random(0)) in {"Kalora", "Tuni"}  # no other year: any other wrong answer
+    assert _guess([q(0, "A", "r"), q(1, "A", "r")], 0, random.Random(0)) is None
 
 
 def test_lr_factor_warmup_then_cosine_to_zero():

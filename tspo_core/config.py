@@ -61,6 +61,10 @@ class SyntheticConfig(_Section):
                           "training sub-worlds keep a tiny model from memorizing names).")
     n_eval_worlds: int = Field(6, gt=0, description="Sub-worlds reserved for dev/test questions (held-out "
                                "entities: no train question mentions them).")
+    n_rl_worlds: int = Field(0, ge=0, description="Training sub-worlds kept out of the SFT warmup: their train "
+                             "questions of `rl_train_families` are the RL training set, the others' are dropped. "
+                             "RL then practises on entities SFT never saw (as the test does) instead of on "
+                             "entities SFT may have memorized. 0: RL on the train splits themselves.")
     people_per_world: int = Field(40, gt=1, description="People per sub-world (also founders, mayors, creators; "
                                   "at least as many as cities and as companies).")
     cities_per_world: int = Field(10, gt=0, description="Cities per sub-world (at least one per country).")
@@ -88,6 +92,9 @@ class SyntheticConfig(_Section):
         if self.n_eval_worlds >= self.n_worlds:
             raise ValueError(f"n_eval_worlds ({self.n_eval_worlds}) must be < n_worlds ({self.n_worlds}): "
                              "train questions need worlds of their own")
+        if self.n_rl_worlds >= self.n_worlds - self.n_eval_worlds:
+            raise ValueError(f"n_rl_worlds ({self.n_rl_worlds}) must be < n_worlds - n_eval_worlds "
+                             f"({self.n_worlds - self.n_eval_worlds}): SFT needs training sub-worlds of its own")
         if self.cities_per_world < self.countries_per_world:
             raise ValueError(f"cities_per_world ({self.cities_per_world}) must be >= countries_per_world "
                              f"({self.countries_per_world}): every country needs a capital")
@@ -262,10 +269,11 @@ class SFTConfig(_Section):
                                      "generate them with the oracle agent.")
     imperfect_share: float = Field(0.2, ge=0, le=1, description="Share of oracle trajectories made imperfect on "
                                    "purpose (a weaker query or a wrong final answer) so RL has room to improve.")
-    premature_share: float = Field(0.0, ge=0, le=1, description="Share of multi-hop oracle trajectories that stop "
-                                   "after an earlier hop and answer that hop's entity (a lazy teacher): a habit "
-                                   "RL must unlearn, and where a first-occurrence reward has signal (the later "
-                                   "search finds the answer) even when the final answer is wrong.")
+    premature_share: float = Field(0.0, ge=0, le=1, description="Share of oracle trajectories that stop before "
+                                   "the last hop (a lazy teacher): after k searches they answer hop k's entity, "
+                                   "with none a guess (another question's answer of the same type). A habit RL "
+                                   "must unlearn, where a first-occurrence reward has signal (the skipped search "
+                                   "finds the answer) even when the final answer is wrong.")
     max_steps: int = Field(1200, gt=0, description="Optimizer steps.")
     max_minutes: float = Field(5.0, gt=0, description="Wall-clock cap; training stops at whichever comes first.")
     batch_size: int = Field(16, gt=0, description="Trajectories per step.")

@@ -7,7 +7,9 @@ leaves no half-written directory and a previous good one stays as it was):
     <family>/{train,dev,test}.jsonl   FlashRAG records (synthetic: all three splits of every family;
                                       files: test from `files.eval`, dev from `files.dev`)
     rl_train.jsonl                    the RL training questions (synthetic: the train splits of
-                                      `rl_train_families`, in that order; files: the `files.train` files, in order)
+                                      `rl_train_families`, in that order, or with `synthetic.n_rl_worlds` their
+                                      questions from those sub-worlds, which the train splits then leave out;
+                                      files: the `files.train` files, in order)
     lexicon.json                      synthetic only: the world's lexicon
     manifest.json                     the summary below plus the sha256 and size of every other file
 
@@ -71,6 +73,12 @@ def _build_synthetic(data_cfg: DataConfig, out: Path) -> dict[str, Any]:
     unknown = sorted(set(datasets) - set(FAMILIES))
     if unknown:
         raise DataError(f"unknown families {unknown} in the generated datasets; known: {list(FAMILIES)}", where)
+    syn = data_cfg.synthetic
+    rl_worlds = range(syn.n_worlds - syn.n_eval_worlds - syn.n_rl_worlds, syn.n_worlds - syn.n_eval_worlds)
+
+    def in_rl_worlds(ex: QAExample) -> bool:
+        return ex.metadata.get("world") in rl_worlds
+
     counts: dict[str, dict[str, int]] = {}
     for family in FAMILIES:
         if family not in datasets:
@@ -82,6 +90,8 @@ def _build_synthetic(data_cfg: DataConfig, out: Path) -> dict[str, Any]:
         counts[family] = {}
         for split in SPLITS:
             examples = list(splits.get(split, []))
+            if split == "train" and syn.n_rl_worlds:  # RL-only sub-worlds never reach the SFT warmup
+                examples = [ex for ex in examples if not in_rl_worlds(ex)]
             _check_examples(examples, f"{where}: {family}/{split}")
             counts[family][split] = _write_examples(out / family / f"{split}.jsonl", examples)
 
@@ -91,6 +101,8 @@ def _build_synthetic(data_cfg: DataConfig, out: Path) -> dict[str, Any]:
         if family not in datasets:
             raise DataError(f"rl_train_families names {family!r}, which the world did not generate", where)
         for ex in datasets[family].get("train", []):
+            if syn.n_rl_worlds and not in_rl_worlds(ex):
+                continue
             if ex.id in origin:
                 raise DataError(f"duplicate id {ex.id!r} in the RL training set: in {origin[ex.id]}/train and "
                                 f"{family}/train", where)
@@ -107,6 +119,7 @@ def _build_synthetic(data_cfg: DataConfig, out: Path) -> dict[str, Any]:
         "corpus": n_corpus,
         "rl_train": n_rl,
         "rl_train_from": list(data_cfg.rl_train_families),
+        **({"rl_worlds": [rl_worlds.start, rl_worlds.stop - 1]} if syn.n_rl_worlds else {}),
         "datasets": counts,
     }
 

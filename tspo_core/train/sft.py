@@ -7,8 +7,9 @@ next-token loss on the policy's tokens only.
 2. A trajectory is kept only if every hop's answer appears in the observation of its search (the oracle must not
    teach answering without evidence). A share `sft.imperfect_share` is made imperfect on purpose (a wrong final
    answer taken from the evidence, or a redundant repeated search), so that RL has something to improve. A share
-   `sft.premature_share` of the multi-hop trajectories is a lazy teacher: it stops after an earlier hop and answers
-   that hop's entity (the bridge), a habit only the reward can correct: a later search is what finds the answer.
+   `sft.premature_share` is a lazy teacher: it stops before the last hop and answers what it has (after k searches,
+   hop k's entity; with no search, a guess: another question's answer of the same type), a habit only the reward
+   can correct: the skipped search is what finds the answer.
 3. Loss: cross-entropy on policy tokens (observations and the prompt are masked), length-bucketed batches,
    AdamW with linear warmup and cosine decay, stopped by `max_steps` or `max_minutes`, whichever comes first.
    `sft.obs_loss_weight > 0` adds a weighted next-token loss on observation tokens (for a model trained from
@@ -36,18 +37,20 @@ from tspo_core.errors import ConfigError
 from tspo_core.metrics import contains_answer
 
 
-def oracle_turns(example: QAExample, rng: random.Random, imperfect: bool,
-                 premature: bool = False) -> tuple[list[str], str]:
+def oracle_turns(example: QAExample, rng: random.Random, imperfect: bool, premature: bool = False,
+                 guess: str | None = None) -> tuple[list[str], str]:
     """The oracle's turn texts for `example` and the kind of trajectory ("oracle", "near_miss", "redundant",
-    "premature"). `premature` applies to multi-hop questions only and wins over `imperfect`."""
+    "premature"). `premature` (wins over `imperfect`) stops after k < n hops and answers hop k's entity; k = 0
+    (answering at once, with `guess`: a wrong answer of the right type) only when a guess is given."""
     hops = example.metadata.get("hops") or []
     queries = [h["query"] for h in hops]
     answer = example.golden_answers[0]
     kind = "oracle"
-    if premature and len(hops) >= 2:
-        k = rng.randrange(1, len(hops))  # searches made before the lazy answer
+    first = 0 if guess is not None else 1
+    if premature and len(hops) > first:
+        k = rng.randrange(first, len(hops))  # searches made before the lazy answer
         turns = [f"<search> {q} </search>" for q in queries[:k]]
-        return [*turns, f"<answer> {hops[k - 1]['answer']} </answer>"], "premature"
+        return [*turns, f"<answer> {hops[k - 1]['answer'] if k else guess} </answer>"], "premature"
     if imperfect and queries:
         kind = rng.choice(["near_miss", "redundant"])
         if kind == "redundant":
@@ -118,10 +121,11 @@ def make_oracle_trajectories(examples: Sequence[QAExample], engine: RolloutEngin
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         scripts, chunk_kinds = {}, []
-        for ex in chunk:
+        for i, ex in enumerate(chunk):
             imperfect = rng.random() < imperfect_share
             premature = premature_share > 0 and rng.random() < premature_share
-            turns, kind = oracle_turns(ex, rng, imperfect, premature)
+            guess = _guess(chunk, i, rng) if premature else None
+            turns, kind = oracle_turns(ex, rng, imperfect, premature, guess)
             scripts[tuple(engine.prompt_ids(ex.question))] = (turns, ex.golden_answers)
             chunk_kinds.append(kind)
         engine.backend = OracleBackend(engine.tokenizer, scripts)
@@ -140,6 +144,19 @@ def make_oracle_trajectories(examples: Sequence[QAExample], engine: RolloutEngin
         if progress:
             progress(len(chunk))
     return OracleResult(kept, kinds, dropped)
+
+
+def _guess(chunk: Sequence[QAExample], i: int, rng: random.Random) -> str | None:
+    """A wrong answer of the right type for chunk[i]: the answer of another question that ends in the same
+    relation (else of any other question); None when every candidate is also a gold answer of chunk[i]."""
+    ex = chunk[i]
+    relation = (ex.metadata.get("relations") or [None])[-1]
+    golds = set(ex.golden_answers)
+    others = [o.golden_answers[0] for j, o in enumerate(chunk) if j != i and o.golden_answers[0] not in golds]
+    same = [o.golden_answers[0] for j, o in enumerate(chunk) if j != i and o.golden_answers[0] not in golds
+            and (o.metadata.get("relations") or [None])[-1] == relation]
+    pool = same or others
+    return rng.choice(pool) if pool else None
 
 
 def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
