@@ -167,7 +167,8 @@ def write_results(out: Path, args, base, sft: dict, runs: dict[str, dict], grid:
               "| zero-var groups under o | under s | " + " | ".join(c.replace("_", " ") for c in CATEGORIES)
               + " |", "|---|" + "---:|" * (5 + len(CATEGORIES))]
     for est, names in grid.items():
-        reach = [steps_to_reach(runs[n]["history"], "dev_em", target[0]) if target else None for n in names]
+        start = [{"step": 0, "dev_em": sft["dev"]["dev_em"]}]  # step 0 is the SFT checkpoint itself
+        reach = [steps_to_reach(start + runs[n]["history"], "dev_em", target[0]) if target else None for n in names]
         reached = [r for r in reach if r is not None]
         reach_txt = (f"{sum(reached) / len(reached):.0f} ({len(reached)}/{len(names)} seeds reached)"
                      if reached else f"not reached (0/{len(names)})")

@@ -139,6 +139,22 @@ def test_dev_em_scores_the_greedy_answers():
     assert make_trainer(dev_sets=dev, rank=1, world=2).dev_em() == {}  # rank 0 alone evaluates
 
 
+def test_a_checkpoint_left_moved_aside_by_a_crash_is_restored_and_resumed(tmp_path):
+    full = make_trainer(steps=4)
+    full.fit(tmp_path / "full")
+    part = make_trainer(steps=2)
+    part.fit(tmp_path / "ck")  # the checkpoint of step 2
+    # a kill -9 between atomic_dir's two renames: the checkpoint moved aside, the new one not yet in place
+    os.replace(tmp_path / "ck", tmp_path / ".ck.old")
+    resumed = make_trainer(steps=4)
+    resumed.fit(tmp_path / "ck")
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in full.history]
+    pf, pr = params_of(full), params_of(resumed)
+    assert all(torch.equal(pf[k], pr[k]) for k in pf)
+    assert not (tmp_path / ".ck.old").exists()
+
+
 def test_resume_from_a_broken_checkpoint_fails_loudly(tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()

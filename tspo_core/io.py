@@ -154,12 +154,25 @@ def write_csv(path: str | Path, records: Iterable[dict[str, Any]], columns: Iter
     return len(rows)
 
 
+def restore_interrupted_swap(path: str | Path) -> bool:
+    """Put back the previous version of `path` when a process died between `atomic_dir`'s two renames (`path`
+    moved aside to `.<name>.old`, the new version not yet in place); True when it did."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists() or not old.is_dir():
+        return False
+    os.replace(old, path)
+    return True
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name; it replaces `path` only when the block succeeds. If the final swap
-    itself fails (the previous directory already moved aside), the previous directory is put back."""
+    itself fails (the previous directory already moved aside), the previous directory is put back; if the process
+    died there, the next `atomic_dir` (or `restore_interrupted_swap`) puts it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_swap(path)
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     try:

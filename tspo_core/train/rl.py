@@ -44,6 +44,7 @@ from tspo_core.agent.rollout import RolloutBatch, RolloutEngine
 from tspo_core.config import AdvantageConfig, OptimConfig, RewardConfig, RolloutConfig, TrainConfig
 from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError, TSPOError
+from tspo_core.io import restore_interrupted_swap
 from tspo_core.metrics import exact_match
 from tspo_core.train.checkpoint import CheckpointError, load_trainer_state, rng_state, save_checkpoint, \
     set_rng_state
@@ -339,6 +340,8 @@ class RLTrainer:
         """Train to `train.steps`, resuming from `ckpt_dir` when it holds a checkpoint; returns the history.
         `on_step(record, history)` is called after every step with the full history so far (resumed steps too)."""
         ckpt_dir = Path(ckpt_dir)
+        if restore_interrupted_swap(ckpt_dir):
+            log.warning("%s: restored the checkpoint a crash left moved aside", ckpt_dir)
         if (ckpt_dir / "trainer_state.pt").exists():
             stored = load_trainer_state(ckpt_dir)[0].get("fingerprint")
             if stored != self.fingerprint:
