@@ -76,7 +76,6 @@ def main() -> None:
     t_oracle = time.monotonic() - t0
     history = sft_train(policy, engine.pad_id, [r.segments for r in oracle.rollouts], cfg)
     policy.eval()
-    engine.backend = HFBackend(policy, tok)
     dev = [ex for f in FAMILIES for ex in load_split(params.paths.data_dir, f, "dev")[:args.dev_per_family]]
     dev_oracle = make_oracle_trajectories(dev, engine, 0.0, cfg.seed)
     engine.backend = HFBackend(policy, tok)

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from tspo_core.agent.rewards import CATEGORIES  # noqa: E402
 from tspo_core.config import load_params, params_from_dict  # noqa: E402
-from tspo_core.evaluate import DISPLAY_NAMES, run_evaluate  # noqa: E402
-from tspo_core.io import write_json, write_text  # noqa: E402
+from tspo_core.evaluate import DISPLAY_NAMES, checkpoint_for, run_evaluate  # noqa: E402
+from tspo_core.io import write_json, write_jsonl, write_text  # noqa: E402
 from tspo_core.report import final_value, mean_std, read_history, series, steps_to_reach  # noqa: E402
 
 LABELS = {"grpo": "GRPO", "grpo_folr": "GRPO+FOLR", "tspo": "TSPO"}
@@ -69,12 +69,11 @@ def run_one(params, name: str, estimator: str) -> dict:
     done = metrics_dir / f"eval_{name}.json"
     history_file = metrics_dir / "history.jsonl"
     if not done.is_file():
-        metrics_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         history = run_rl(params, estimator, Path(params.paths.rl_dir) / estimator, on_step=_progress(name))
-        history_file.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+        write_jsonl(history_file, history)
         t_train = time.monotonic() - t0
-        metrics = run_evaluate(params, Path(params.paths.rl_dir) / estimator / "model", name)
+        metrics = run_evaluate(params, checkpoint_for(params.paths, estimator), name)
         metrics["meta"]["train_seconds"] = round(t_train, 1)
         write_json(done, metrics)  # last: its presence means the run is complete
     return {"history": read_history(history_file), "test": json.loads(done.read_text(encoding="utf-8"))}
@@ -121,11 +120,12 @@ def _avg(values: list[float]) -> float | None:
 
 def summarize(run: dict) -> dict:
     h, test = run["history"], run["test"]
+    sampled = series(h, "em")[1]
     return {"test_em": test["average"]["em"],
             "test_em_per_dataset": {k: v["em"] for k, v in test["datasets"].items()},
             "final_dev_em": final_value(h, "dev_em", share=0.0),
             "dev_curve": list(zip(*series(h, "dev_em"))),
-            "sampled_em_first5": _avg(series(h, "em")[1][:5]), "sampled_em_last5": _avg(series(h, "em")[1][-5:]),
+            "sampled_em_first5": _avg(sampled[:5]), "sampled_em_last5": _avg(sampled[-5:]),
             "zero_var_share_o": _mean(h, "zero_var_share_o"), "zero_var_share_s": _mean(h, "zero_var_share_s"),
             **{f"train_{c}": _mean(h, c) for c in CATEGORIES},
             "steps": len(h), "train_seconds": test["meta"].get("train_seconds")}

@@ -29,7 +29,6 @@ from urllib.parse import urlparse
 
 import yaml
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 CHECKSUM_MAX_BYTES = 1 << 30
 """Reference artifacts up to this size are content-hashed by W&B (each file read once, never copied); above it
@@ -399,15 +398,19 @@ def _track(stage: str, params: Any, options: Mapping[str, Any], mode: str, root:
         if failed:
             run.summary["stage_status"] = "failed"
             return run
+        metrics: dict[str, Any] = {}  # each metrics file read once, for the summary and the eval table
+
+        def summarize(path: str) -> None:
+            metrics[path] = _read_json(root / path)
+            run.summary.update({"metrics": metrics[path]})
+
         for path in io.metrics:
             if (root / path).is_file():
-                attempt(f"summary from {path}", lambda f=root / path: run.summary.update(
-                    {"metrics": _read_json(f)}))
+                attempt(f"summary from {path}", summarize, path)
         if io.history and (root / io.history).is_file():
             attempt(f"history from {io.history}", _log_history, run, root / io.history)
-        if stage.startswith("evaluate@") and io.metrics and (root / io.metrics[0]).is_file():
-            attempt("eval table", lambda: run.log({"eval/per_dataset": _eval_table(
-                wandb, _read_json(root / io.metrics[0]))}))
+        if stage.startswith("evaluate@") and io.metrics and io.metrics[0] in metrics:
+            attempt("eval table", lambda: run.log({"eval/per_dataset": _eval_table(wandb, metrics[io.metrics[0]])}))
         if stage == "report":
             images = {f"report/{f.stem}": wandb.Image(str(f)) for f in sorted((root / p.report_dir).glob("*.png"))}
             if images:

@@ -40,21 +40,23 @@ def train(params_path: str, estimator: str) -> list[dict]:
     curve_csv = curve.with_suffix(".csv")  # the same records, scalar columns only, for `dvc plots`
     bar = tqdm(total=params.train.steps, desc=f"train@{estimator}", unit="step", disable=dist.rank != 0)
 
+    def write_curve(history: list[dict]) -> None:  # the whole history (resumed steps included), atomically
+        write_jsonl(curve, history)
+        write_csv(curve_csv, history, scalar_columns(history))
+
     def on_step(rec: dict, history: list[dict]) -> None:
         bar.n = rec["step"]
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", em=f"{rec['em']:.3f}")
         bar.refresh()
-        if dist.rank == 0:  # the whole history (resumed steps included), rewritten atomically
-            write_jsonl(curve, history)
-            write_csv(curve_csv, history, scalar_columns(history))
+        if dist.rank == 0:
+            write_curve(history)
 
     try:
         full = run_rl(params, estimator, out_dir, on_step=on_step, dist=dist)
     finally:
         bar.close()
     if dist.rank == 0:
-        write_jsonl(curve, full)
-        write_csv(curve_csv, full, scalar_columns(full))
+        write_curve(full)
     return full
 
 

@@ -68,9 +68,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     (tmp_path / "params.yaml").write_text(dump_params(params), encoding="utf-8")
     bench = _load_benchmark()
     out = tmp_path / "bench"
-    assert bench.main(["--params", str(tmp_path / "params.yaml"), "--estimators", "grpo", "tspo", "--seeds", "0",
-                       "1", "--alphas", str(params.reward.folr_alpha), "1.0", "--steps", "2", "--eval-every", "1",
-                       "--out", str(out)]) == 0
+    argv = ["--params", str(tmp_path / "params.yaml"), "--estimators", "grpo", "tspo", "--seeds", "0", "1",
+            "--alphas", str(params.reward.folr_alpha), "1.0", "--steps", "2", "--eval-every", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["runs"]) == ["grpo_s0", "grpo_s1", "tspo_a1_s0", "tspo_s0", "tspo_s1"]
     for run in results["runs"].values():
@@ -83,9 +83,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert (out / fig).stat().st_size > 1000
     # a rerun finds every run on disk and trains nothing
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    assert bench.main(["--params", str(tmp_path / "params.yaml"), "--estimators", "grpo", "tspo", "--seeds", "0",
-                       "1", "--alphas", str(params.reward.folr_alpha), "1.0", "--steps", "2", "--eval-every", "1",
-                       "--out", str(out)]) == 0
+    assert bench.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
 
 

@@ -55,6 +55,7 @@ def test_bf16_update_keeps_fp32_master_weights_and_follows_the_fp32_update():
     d32 = torch.cat([(after32[k] - before[k]).flatten() for k in before])
     d16 = torch.cat([(after16[k] - before[k]).flatten() for k in before])
     assert d16.abs().max() > 0
+    assert not torch.equal(d16, d32)  # autocast really computed in bf16
     assert torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.9
     assert d16.norm() == pytest.approx(d32.norm().item(), rel=0.2)
 

@@ -49,6 +49,11 @@ def make_trainer(estimator="tspo", steps=3, world=1, rank=0, seed=0, dev_sets=No
     return RLTrainer(model, ref, tok, engine, QUESTIONS, cfg, Dist(rank, world), dev_sets=dev_sets)
 
 
+def metrics_of(history):
+    """The logged rows without the wall-clock timings (`*_s`): what must match between two equivalent runs."""
+    return [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
+
+
 def params_of(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
@@ -107,7 +112,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypa
     monkeypatch.setattr(resumed, "train_step", lambda: trained.append(resumed.step) or real_resumed_step())
     resumed.fit(tmp_path / "part")
     assert trained == [2, 3]  # it really resumed: only steps 3 and 4 were trained in this process
-    assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in full.history]
+    assert metrics_of(resumed.history) == metrics_of(full.history)
     pf, pr = params_of(full), params_of(resumed)
     assert all(torch.equal(pf[k], pr[k]) for k in pf)
 
@@ -119,11 +124,10 @@ def test_dev_em_is_logged_on_schedule_and_does_not_change_training(tmp_path):
     watched = make_trainer(steps=3, dev_sets=dev, eval_every=2)
     watched.fit(tmp_path / "watched")
     assert ["dev_em" in h for h in watched.history] == [False, True, True]  # every 2 steps, and the last one
-    assert [h["reward_mean"] for h in watched.history] == [h["reward_mean"] for h in plain.history]
+    assert [{k: v for k, v in h.items() if not k.startswith("dev_em")} for h in metrics_of(watched.history)] \
+        == metrics_of(plain.history)
     pp, pw = params_of(plain), params_of(watched)
     assert all(torch.equal(pp[k], pw[k]) for k in pp)
-    last = watched.history[-1]
-    assert last["dev_em"] == pytest.approx((last["dev_em_nq"] + last["dev_em_hotpotqa"]) / 2)
 
 
 def test_dev_em_scores_the_greedy_answers():
@@ -149,7 +153,7 @@ def test_a_checkpoint_left_moved_aside_by_a_crash_is_restored_and_resumed(tmp_pa
     resumed = make_trainer(steps=4)
     resumed.fit(tmp_path / "ck")
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
-    assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in full.history]
+    assert metrics_of(resumed.history) == metrics_of(full.history)
     pf, pr = params_of(full), params_of(resumed)
     assert all(torch.equal(pf[k], pr[k]) for k in pf)
     assert not (tmp_path / ".ck.old").exists()

@@ -152,10 +152,9 @@ def _guess(chunk: Sequence[QAExample], i: int, rng: random.Random) -> str | None
     ex = chunk[i]
     relation = (ex.metadata.get("relations") or [None])[-1]
     golds = set(ex.golden_answers)
-    others = [o.golden_answers[0] for j, o in enumerate(chunk) if j != i and o.golden_answers[0] not in golds]
-    same = [o.golden_answers[0] for j, o in enumerate(chunk) if j != i and o.golden_answers[0] not in golds
-            and (o.metadata.get("relations") or [None])[-1] == relation]
-    pool = same or others
+    others = [o for j, o in enumerate(chunk) if j != i and o.golden_answers[0] not in golds]
+    same = [o for o in others if (o.metadata.get("relations") or [None])[-1] == relation]
+    pool = [o.golden_answers[0] for o in same or others]
     return rng.choice(pool) if pool else None
 
 
@@ -277,8 +276,7 @@ def validate_protocol(engine: RolloutEngine, examples: Sequence[QAExample]) -> d
 def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
     """Stage `sft`: oracle (or user) trajectories -> SFT -> checkpoint in `paths.sft_dir`; returns the summary
     (also written as `sft_summary.json` in the checkpoint) and the loss history."""
-    from tspo_core.config import FAMILIES, dump_params
-    from tspo_core.io import atomic_dir
+    from tspo_core.config import FAMILIES
     from tspo_core.pipeline import init_policy, load_split, make_engine, open_retriever, prepare_for_training, \
         training_precision
 
@@ -316,11 +314,7 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
                "final_loss": sum(h["loss"] for h in history[-20:]) / max(len(history[-20:]), 1),
                "final_token_acc": sum(h["token_acc"] for h in history[-20:]) / max(len(history[-20:]), 1),
                **validate_protocol(engine, dev)}
-    with atomic_dir(params.paths.sft_dir) as tmp:
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        (tmp / "params.resolved.yaml").write_text(dump_params(params), encoding="utf-8")
+    _save_checkpoint(params, policy, tokenizer, summary)
     return {"summary": summary, "history": history}
 
 
@@ -328,8 +322,6 @@ def _skip_sft(params) -> dict:
     """`sft.enabled: false` (the paper setting: RL straight from the base model, as Search-R1 and TSPO do): the
     stage writes the `model.name_or_path` checkpoint unchanged to `paths.sft_dir`, so RL and evaluation read their
     starting point from one place either way."""
-    from tspo_core.config import dump_params
-    from tspo_core.io import atomic_dir
     from tspo_core.pipeline import init_policy
 
     if params.model.name_or_path is None:
@@ -337,9 +329,17 @@ def _skip_sft(params) -> dict:
                           "is trained from scratch and cannot skip its warmup")
     policy, tokenizer = init_policy(params.model, params.paths, seed=params.sft.seed)
     summary = {"skipped": True, "checkpoint": params.model.name_or_path, "steps": 0}
+    _save_checkpoint(params, policy, tokenizer, summary)
+    return {"summary": summary, "history": []}
+
+
+def _save_checkpoint(params, policy, tokenizer, summary: dict) -> None:
+    """The stage's output: an HF checkpoint in `paths.sft_dir` with `sft_summary.json` and the resolved params."""
+    from tspo_core.config import dump_params
+    from tspo_core.io import atomic_dir
+
     with atomic_dir(params.paths.sft_dir) as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         (tmp / "params.resolved.yaml").write_text(dump_params(params), encoding="utf-8")
-    return {"summary": summary, "history": []}
