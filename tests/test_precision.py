@@ -1,5 +1,6 @@
-"""Training precision and the paper-setting switches, on CPU: bf16 = fp32 master weights under bf16 autocast,
-fp16 and LoRA refused by name, gradient checkpointing applied, `sft.enabled: false` passes the base model on."""
+"""Training precision and the paper-setting switches, on CPU: bf16 = fp32 master weights under bf16 autocast (with
+LoRA: a frozen bf16 base, fp32 adapters), fp16 refused by name, gradient checkpointing applied, `sft.enabled: false`
+passes the base model on."""
 
 from __future__ import annotations
 
@@ -28,8 +29,15 @@ def test_training_precision_rules():
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="model.dtype = float16"):
         training_precision(ModelConfig(dtype="float16"))
-    with pytest.raises(ConfigError, match="model.lora_r = 8"):
-        training_precision(ModelConfig(lora_r=8))
+    with pytest.raises(ConfigError, match="model.dtype = float16"):
+        training_precision(ModelConfig(dtype="float16", lora_r=8), lora=True)
+    # LoRA: the frozen base stays in bf16 (nothing rounds it), under the same autocast
+    model, ctx = training_precision(ModelConfig(dtype="bfloat16", lora_r=8), lora=True)
+    assert model.dtype == "bfloat16" and isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    model, ctx = training_precision(ModelConfig(dtype="float32", lora_r=8), lora=True)
+    assert model.dtype == "float32" and isinstance(ctx, contextlib.nullcontext)
+    # SFT asks without `lora` and trains all parameters: fp32 master weights whatever lora_r says
+    assert training_precision(ModelConfig(dtype="bfloat16", lora_r=8))[0].dtype == "float32"
 
 
 def _positive_advantages(exp):

@@ -19,6 +19,7 @@ from tspo_core.config import AdvantageConfig, OptimConfig, RewardConfig, Rollout
 from tspo_core.data.schema import Passage, QAExample
 from tspo_core.policy import build_tiny_model, build_tokenizer
 from tspo_core.train.checkpoint import CheckpointError
+from tspo_core.train.lora import apply_lora
 from tspo_core.train.rl import Dist, RLSettings, RLTrainer, TrainingError
 
 SYL = ["ba", "bo", "ni", "ka", "lo", "ra", "mi", "tu"]
@@ -34,12 +35,15 @@ class DictRetriever:
         return [next((v for k, v in CORPUS.items() if k in q), [])[:top_k] for q in queries]
 
 
-def make_trainer(estimator="tspo", steps=3, world=1, rank=0, seed=0, dev_sets=None, **train_kw):
+def make_trainer(estimator="tspo", steps=3, world=1, rank=0, seed=0, dev_sets=None, lora=None, **train_kw):
+    """`lora`: a ModelConfig with `lora_r > 0` trains peft adapters (no separate reference: the adapters disabled)."""
     tok = build_tokenizer(WORDS, SYL)
     tiny = TinyModelConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                            num_key_value_heads=2)
     model = build_tiny_model(tiny, tok, seed=seed)
-    ref = build_tiny_model(tiny, tok, seed=seed)
+    ref = build_tiny_model(tiny, tok, seed=seed) if lora is None else None
+    if lora is not None:
+        model = apply_lora(model, lora, seed=seed)
     engine = RolloutEngine(HFBackend(model, tok), tok, DictRetriever(),
                            RolloutSettings(max_turns=2, max_new_tokens_per_turn=12, top_k=1, prompt_template="compact"))
     cfg = RLSettings(RolloutConfig(group_size=4, temperature=1.0), RewardConfig(folr_alpha=0.5),

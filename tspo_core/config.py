@@ -257,9 +257,28 @@ class ModelConfig(_Section):
                                                               "training (bf16 on GPUs).")
     use_chat_template: bool = Field(False, description="Wrap the prompt with the tokenizer's chat template "
                                     "(instruct models).")
-    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all parameters.")
-    lora_alpha: int = Field(16, gt=0, description="LoRA alpha.")
+    lora_r: int = Field(0, ge=0, description="LoRA rank for RL (the train stages): > 0 trains peft low-rank "
+                        "adapters on `lora_target_modules` (the base weights frozen, the KL reference the same "
+                        "model with its adapters disabled) and writes the final model with the adapters merged; "
+                        "0 trains all parameters. The SFT warmup always trains all parameters.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA alpha (the adapter update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (training only).")
+    lora_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"], min_length=1, description="Module names (or dotted "
+                                           "name suffixes) that get adapters; default: every Qwen2 attention and "
+                                           "MLP projection. A name that matches no linear layer of the model "
+                                           "fails when RL starts.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models).")
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _target_names(cls, v: list[str]) -> list[str]:
+        bad = [name for name in v if not name.strip() or name != name.strip()]
+        if bad:
+            raise ValueError(f"module names must be non-empty, without surrounding spaces; got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"module names repeated: {sorted({n for n in v if v.count(n) > 1})}")
+        return v
 
 
 class SFTConfig(_Section):

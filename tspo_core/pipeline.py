@@ -53,21 +53,21 @@ def init_policy(model: ModelConfig, paths: PathsConfig, seed: int = 0):
     return build_tiny_model(model.tiny, tokenizer, seed=seed).to(device()), tokenizer
 
 
-def training_precision(model: ModelConfig):
+def training_precision(model: ModelConfig, lora: bool = False):
     """(the ModelConfig to load a policy that will be trained, the autocast context to train it in).
 
     `model.dtype: bfloat16` trains fp32 master weights under bf16 autocast: AdamW on bf16 weights rounds most
-    updates away at the paper's lr 1e-6 (a bf16 weight near 0.02 moves in steps of about 1e-4). float16 training
-    would need loss scaling, which is not implemented, and LoRA is not implemented yet: both fail here, by name,
-    instead of training something else than asked.
+    updates away at the paper's lr 1e-6 (a bf16 weight near 0.02 moves in steps of about 1e-4). With `lora` (RL
+    with `model.lora_r > 0`) the base weights are frozen, so nothing rounds them: they stay in bf16 (half the
+    memory) and only the adapters, which peft keeps in fp32, are trained. float16 training would need loss
+    scaling, which is not implemented: it fails here, by name, instead of training something else than asked.
     """
-    if model.lora_r:
-        raise ConfigError(f"model.lora_r = {model.lora_r}: LoRA is not implemented in this version; set "
-                          "model.lora_r: 0 (full-parameter training)")
     if model.dtype == "float16":
         raise ConfigError("model.dtype = float16: training in fp16 needs loss scaling, which is not implemented; "
                           "use bfloat16 (GPUs) or float32")
     if model.dtype == "bfloat16":
+        if lora:
+            return model, torch.autocast(device_type=device(), dtype=torch.bfloat16)
         return (model.model_copy(update={"dtype": "float32"}),
                 torch.autocast(device_type=device(), dtype=torch.bfloat16))
     return model, contextlib.nullcontext()

@@ -3,7 +3,8 @@ checkpoint stays loadable if the process dies, the disk fills or the directory i
 
 A checkpoint directory holds the HF model (`save_pretrained`) and tokenizer, `trainer_state.pt` (optimizer,
 scheduler, RNG states, step) and `history.json` (per-step metrics so far). Nothing with a non-finite parameter is
-ever written.
+ever written. For a peft LoRA policy `save_pretrained` writes the adapters alone (`adapter_model.safetensors`,
+`adapter_config.json`): the frozen base weights are the run's starting checkpoint (`tspo_core.train.lora`).
 """
 
 from __future__ import annotations

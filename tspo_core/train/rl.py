@@ -8,9 +8,10 @@ Algorithm, per step (TSPO.md, REFERENCE.md "Reference training settings"):
 3. Rewards: outcome o = EM of the final answer (+ optional format bonus); FOLR first-occurrence turn f from the
    observation text only; categories and zero-variance group shares are logged.
 4. Advantages (B, T) from `advantage.estimator` (`grpo`, `grpo_folr`, `tspo`, ...), zero off the policy mask.
-5. PPO-clip against the rollout log-probs + k3 KL to the frozen reference (the SFT checkpoint), token-mean by
-   default; micro-batched with one global denominator, so the result does not depend on micro-batch size or on the
-   number of ranks (gradients are summed across ranks with all-reduce).
+5. PPO-clip against the rollout log-probs + k3 KL to the frozen reference (the SFT checkpoint; with LoRA the same
+   model with its adapters disabled, see `tspo_core.train.lora`), token-mean by default; micro-batched with one
+   global denominator, so the result does not depend on micro-batch size or on the number of ranks (gradients are
+   summed across ranks with all-reduce).
 6. A non-finite loss or gradient skips the optimizer step (logged as `skipped_nonfinite`); parameters stay finite.
 7. Optionally (`train.eval_every`), greedy EM on fixed dev subsets after the update, logged as `dev_em` (the
    unweighted mean over families, like the report's Avg.) and `dev_em_<family>`: learning measured the way the
@@ -19,10 +20,13 @@ Algorithm, per step (TSPO.md, REFERENCE.md "Reference training settings"):
 
 Plumbing: linear warmup (`optim.warmup_ratio`) then constant LR, as in Search-R1's verl setting; checkpoints with
 optimizer, scheduler and RNG states every `train.checkpoint_every` steps (atomic); `fit` resumes from the last one.
+`model.lora_r > 0` trains peft adapters instead of all parameters (`tspo_core.train.lora`): the optimizer holds the
+trainable parameters only, checkpoints hold the adapters, and the stage's final model has them merged in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -48,6 +52,7 @@ from tspo_core.io import restore_interrupted_swap
 from tspo_core.metrics import exact_match
 from tspo_core.train.checkpoint import CheckpointError, load_trainer_state, rng_state, save_checkpoint, \
     set_rng_state
+from tspo_core.train.lora import describe, load_adapters, lora_settings
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +155,9 @@ class RLSettings:
 
 
 class RLTrainer:
+    """The RL loop over `model`. A peft LoRA model (`tspo_core.train.lora.apply_lora`) trains its adapters only
+    and is its own KL reference with the adapters disabled: pass `ref_model=None` with it."""
+
     def __init__(self, model, ref_model, tokenizer, engine: RolloutEngine, questions: Sequence[QAExample],
                  cfg: RLSettings, dist: Dist = Dist(), start_id: str = "",
                  dev_sets: Mapping[str, Sequence[QAExample]] | None = None):
@@ -160,8 +168,13 @@ class RLTrainer:
                                                                            cfg, dist)
         self.questions = list(questions)
         self.start_id = start_id  # identifies the starting checkpoint (part of the fingerprint)
+        self.lora = lora_settings(model)  # None: all parameters train
+        if self.lora and ref_model is not None:
+            raise TrainingError("a LoRA policy is its own KL reference (its adapters disabled); pass ref_model=None "
+                                "instead of a second copy of the base weights")
         o = cfg.optim
-        self.opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                                     betas=tuple(o.betas), weight_decay=o.weight_decay)
         warmup = int(o.warmup_ratio * cfg.train.steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
         self.step = 0
@@ -201,16 +214,9 @@ class RLTrainer:
         lengths = t.attention_mask.sum(1)  # (B,)
 
         def take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            # rows of a micro-batch, cut to its longest rollout (length-sorted micro-batches pad little)
-            return x[rows, :int(lengths[rows].max())].to(device)
+            return _take(x, rows, lengths, device)
 
-        ref_logp = None
-        if self.ref is not None and o.kl_coef > 0:
-            ref_logp = torch.zeros_like(exp.batch.logprobs)
-            with torch.no_grad():
-                for rows in self._micro(range(B), lengths):
-                    lp = token_logprobs(self.ref, take(t.input_ids, rows), take(t.attention_mask, rows), temp)[0]
-                    ref_logp[rows, :lp.shape[1]] = lp.cpu()
+        ref_logp = self.reference_logprobs(exp)
         sums: dict[str, float] = {}
         skipped = 0
         self.model.train()
@@ -256,6 +262,28 @@ class RLTrainer:
         sums["skipped_nonfinite"] = float(skipped)
         sums["lr"] = self.sched.get_last_lr()[0]
         return sums
+
+    def reference_logprobs(self, exp: Experience) -> torch.Tensor | None:
+        """(B, T) log-probs of the rollouts under the KL reference; None without KL (`optim.kl_coef: 0`, or no
+        reference model). The reference is the frozen `ref_model`, or for a LoRA policy the policy itself under
+        peft's `disable_adapter()` (in eval mode): the starting weights, with no second copy of them loaded."""
+        if self.cfg.optim.kl_coef <= 0 or (self.ref is None and not self.lora):
+            return None
+        t, B = exp.batch.tensors, len(exp.batch.rollouts)
+        device = next(self.model.parameters()).device
+        lengths = t.attention_mask.sum(1)
+        ref, disabled, was_training = self.ref, contextlib.nullcontext(), self.model.training
+        if ref is None:
+            ref, disabled = self.model, self.model.disable_adapter()
+            self.model.eval()
+        ref_logp = torch.zeros_like(exp.batch.logprobs)
+        with torch.no_grad(), disabled:
+            for rows in self._micro(range(B), lengths):
+                lp = token_logprobs(ref, _take(t.input_ids, rows, lengths, device),
+                                   _take(t.attention_mask, rows, lengths, device), self.cfg.rollout.temperature)[0]
+                ref_logp[rows, :lp.shape[1]] = lp.cpu()
+        self.model.train(was_training)
+        return ref_logp
 
     def dev_em(self, batch_size: int = 64) -> dict[str, float]:
         """`greedy_dev_em` of the current policy (rank 0 only; {} elsewhere). The RNG is forked, so evaluating
@@ -304,33 +332,46 @@ class RLTrainer:
     def fingerprint(self) -> str:
         """Identifies the run's settings (and the starting weights' shapes); stored in every checkpoint."""
         blob = json.dumps({**{k: v.model_dump(mode="json") for k, v in self.cfg.__dict__.items()},
-                           "start": self.start_id}, sort_keys=True)
+                           "start": self.start_id, **({"lora": self.lora} if self.lora else {})}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def state(self) -> dict:
-        return {"step": self.step, "fingerprint": self.fingerprint, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "rng": rng_state()}
+        state = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "rng": rng_state()}
+        if self.lora:  # a full-parameter checkpoint has no "lora" entry
+            state["lora"] = self.lora
+        return state
 
     def save(self, path: str | Path) -> None:
         if self.dist.rank == 0:
             save_checkpoint(path, self.model, self.tok, self.state(), self.history)
 
     def resume(self, path: str | Path) -> None:
-        """Load model weights, optimizer, scheduler, RNG and history from a checkpoint written by `save`."""
+        """Load model weights (a LoRA run: its adapters), optimizer, scheduler, RNG and history from a checkpoint
+        written by `save`. A checkpoint of other settings fails, naming the LoRA settings when those differ."""
         from safetensors.torch import load_file
 
         path = Path(path)
         state, history = load_trainer_state(path)
+        if state.get("lora") != self.lora:
+            raise CheckpointError(f"{path}: the checkpoint trains {describe(state.get('lora'))} but this run trains "
+                                  f"{describe(self.lora)}; it cannot resume from it (remove it to start afresh)")
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{path}: checkpoint of other settings (fingerprint {state.get('fingerprint')}, "
+                                  f"this run {self.fingerprint}); it cannot resume from it")
         weights = sorted(path.glob("*.safetensors"))
         if not weights:
             raise CheckpointError(f"{path}: no model weights to resume from")
         sd = {}
         for w in weights:
             sd.update(load_file(str(w)))
-        missing, unexpected = self.model.load_state_dict(sd, strict=False)
-        if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]})")
+        if self.lora:
+            load_adapters(self.model, sd, path)
+        else:
+            missing, unexpected = self.model.load_state_dict(sd, strict=False)
+            if unexpected or [m for m in missing if "lm_head" not in m]:
+                raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                                      f"unexpected {unexpected[:3]})")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -343,11 +384,14 @@ class RLTrainer:
         if restore_interrupted_swap(ckpt_dir):
             log.warning("%s: restored the checkpoint a crash left moved aside", ckpt_dir)
         if (ckpt_dir / "trainer_state.pt").exists():
-            stored = load_trainer_state(ckpt_dir)[0].get("fingerprint")
-            if stored != self.fingerprint:
+            stored_state = load_trainer_state(ckpt_dir)[0]
+            if stored_state.get("fingerprint") != self.fingerprint:
                 # DVC keeps this output across runs (persist: true, for crash recovery); a checkpoint of other
                 # settings is a different run, never a starting point.
-                log.warning("%s holds a checkpoint of different settings; starting a fresh run", ckpt_dir)
+                lora_change = ("" if stored_state.get("lora") == self.lora else
+                               f" (it trains {describe(stored_state.get('lora'))}, this run {describe(self.lora)})")
+                log.warning("%s holds a checkpoint of different settings%s; starting a fresh run", ckpt_dir,
+                            lora_change)
                 shutil.rmtree(ckpt_dir)
             else:
                 self.resume(ckpt_dir)
@@ -373,12 +417,16 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     """Stage `train@<estimator>`: RL from the SFT checkpoint (policy and frozen reference) on `rl_train.jsonl`.
 
     `out_dir/checkpoint` holds the last checkpoint (resumed from when present); `out_dir/model` the final model.
+    With `model.lora_r > 0` the policy trains peft adapters (`tspo_core.train.lora`): the reference is the policy
+    with its adapters disabled (no second model loaded), the frozen base stays in `model.dtype`, the checkpoint
+    holds the adapters, and `out_dir/model` is a plain HF checkpoint with them merged into the base weights.
     """
     from tspo_core.config import AdvantageConfig
     from tspo_core.data.loaders import load_flashrag_jsonl
     from tspo_core.io import atomic_dir
     from tspo_core.pipeline import device, make_engine, open_retriever, prepare_for_training, training_precision
     from tspo_core.policy import load_policy
+    from tspo_core.train.lora import apply_lora, write_merged_model
 
     if params.rollout.backend == "vllm":
         raise ConfigError("rollout.backend = vllm is not supported for RL training yet: the vLLM engine would need "
@@ -386,10 +434,14 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
                           "evaluation, where weights are fixed).")
     out_dir = Path(out_dir)
     sft_dir = Path(params.paths.sft_dir)
-    train_model, autocast = training_precision(params.model)
+    lora = params.model.lora_r > 0
+    train_model, autocast = training_precision(params.model, lora=lora)
     policy, tokenizer = load_policy(sft_dir, train_model, device())
     prepare_for_training(policy, params.model)
-    ref = load_policy(sft_dir, params.model, device())[0] if params.optim.kl_coef > 0 else None
+    if lora:  # the reference is this policy with its adapters disabled
+        policy, ref = apply_lora(policy, params.model, seed=params.train.seed), None
+    else:
+        ref = load_policy(sft_dir, params.model, device())[0] if params.optim.kl_coef > 0 else None
     questions = load_flashrag_jsonl(Path(params.paths.data_dir) / "rl_train.jsonl")
     retriever = open_retriever(params.retrieval, params.paths)
     engine = make_engine(policy, tokenizer, retriever, params.rollout, params.retrieval, params.model,
@@ -401,7 +453,9 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
                         dev_sets=dev_sets)
     with autocast:
         history = trainer.fit(out_dir / "checkpoint", on_step=on_step)
-    if dist.rank == 0:
+    if dist.rank == 0 and lora:
+        write_merged_model(out_dir / "checkpoint", out_dir / "model", sft_dir, params.model)
+    elif dist.rank == 0:
         with atomic_dir(out_dir / "model") as tmp:
             for f in (out_dir / "checkpoint").iterdir():
                 if f.is_file() and f.name not in ("trainer_state.pt",):
@@ -442,6 +496,11 @@ def dev_subsets(params) -> dict[str, list[QAExample]]:
         raise ConfigError(f"train.eval_every = {params.train.eval_every} but no dataset in eval.datasets has a dev "
                           f"split under {params.paths.data_dir}; set train.eval_every: 0")
     return out
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, device) -> torch.Tensor:
+    """Rows of a micro-batch, cut to its longest rollout (length-sorted micro-batches pad little)."""
+    return x[rows, :int(lengths[rows].max())].to(device)
 
 
 def _dir_id(path: Path) -> str:
