@@ -212,6 +212,32 @@ def test_two_processes_match_one_process(tmp_path):
         assert all(torch.allclose(single_p[k], ranked[k], atol=1e-6) for k in single_p), r
 
 
+def test_gradients_are_summed_in_flat_buckets_of_one_dtype():
+    """`Dist.all_sum_grads` packs gradients into buckets (bounded size, one dtype each), reduces each bucket once
+    and copies the sums back into every gradient. A recording stand-in for the all-reduce adds a rank-dependent
+    tensor, so a gradient copied back from the wrong offset shows."""
+    calls = []
+
+    class Recording(Dist):
+        def all_sum(self, x):
+            calls.append((x.numel(), x.dtype))
+            return x.add_(torch.arange(x.numel(), dtype=x.dtype))  # "the other rank" adds its position
+
+    grads = [torch.ones(3), torch.ones(2, 2), torch.ones(4, dtype=torch.float64), torch.ones(5)]
+    expected = [g.clone() for g in grads]
+    Recording(0, 2).all_sum_grads(grads, bucket_elems=8)
+    assert sorted(calls) == sorted([(7, torch.float32), (5, torch.float32), (4, torch.float64)])
+    # each gradient got its own slice of its bucket's flat sum: [3] and [2, 2] share one (offsets 0 and 3),
+    # [5] would overflow it and starts the next, the float64 one has its own
+    added = [g - e for g, e in zip(grads, expected)]
+    assert torch.equal(added[0], torch.arange(3.0)) and torch.equal(added[1], torch.arange(3.0, 7.0).view(2, 2))
+    assert torch.equal(added[3], torch.arange(5.0))
+    assert torch.equal(added[2], torch.arange(4, dtype=torch.float64))
+    calls.clear()
+    Dist(0, 1).all_sum_grads(grads)  # one process: nothing to reduce
+    assert calls == []
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     first = make_trainer(steps=2)
     first.fit(tmp_path / "ck")

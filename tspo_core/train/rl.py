@@ -141,6 +141,32 @@ class Dist:
                 dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
+    def all_sum_grads(self, grads: Sequence[torch.Tensor], bucket_elems: int = 1 << 25) -> None:
+        """Sum gradients over ranks in place, a few large all-reduces instead of one per parameter: gradients of
+        one dtype and device are packed into flat buckets of up to `bucket_elems` elements (128 MB of fp32, so
+        the extra memory stays bounded for a 7B model), reduced, and copied back. Elementwise the same sums."""
+        if self.world == 1:
+            return
+        bucket: list[torch.Tensor] = []
+        size = 0
+
+        def flush() -> None:
+            flat = self.all_sum(torch.cat([g.reshape(-1) for g in bucket]))
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+        for g in sorted(grads, key=lambda g: (str(g.device), str(g.dtype))):
+            if bucket and (size + g.numel() > bucket_elems or (g.device, g.dtype) != (bucket[0].device,
+                                                                                    bucket[0].dtype)):
+                flush()
+                bucket, size = [], 0
+            bucket.append(g)
+            size += g.numel()
+        if bucket:
+            flush()
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the trainer
@@ -242,9 +268,7 @@ class RLTrainer:
                     loss.backward()
                     for k, v in m.items():
                         metrics_acc[k] = metrics_acc.get(k, 0.0) + v * len(rows) / (hi - lo)
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                for g in grads:
-                    self.dist.all_sum(g)
+                self.dist.all_sum_grads([p.grad for p in self.model.parameters() if p.grad is not None])
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
                 finite = torch.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics_acc.values())
                 finite = bool(self.dist.all_sum(torch.tensor(0.0 if finite else 1.0)) == 0)
