@@ -11,8 +11,10 @@ import torch
 from fakes import tokenizer
 
 from tspo_core.agent.masks import Segment, build_masks
+from tspo_core.agent.protocol import parse_action
 from tspo_core.config import SFTConfig, TinyModelConfig
 from tspo_core.data.schema import QAExample
+from tspo_core.metrics import contains_answer, exact_match
 from tspo_core.policy import build_tiny_model
 from tspo_core.train.sft import NEAR_MISS, _guess, lr_factor, oracle_turns, sft_train
 
@@ -71,6 +73,19 @@ def test_premature_oracle_with_a_guess_may_answer_before_any_search():
     # a single-hop question can only be answered at once, with the guess
     assert oracle_turns(_example(1), random.Random(0), imperfect=False, premature=True, guess="Wrong") == (
         ["<answer> Wrong </answer>"], "premature")
+
+
+def test_verbose_oracle_wraps_only_the_final_answer_and_exact_match_rejects_it():
+    turns, kind = oracle_turns(_example(), random.Random(0), imperfect=False, verbose=True)
+    assert kind == "oracle"
+    assert turns == ["<search> q0 </search>", "<search> q1 </search>", "<answer> The answer is Gold </answer>"]
+    answer = parse_action(turns[-1]).content
+    assert exact_match(answer, ["Gold"]) == 0.0 and contains_answer(answer, ["Gold"])
+    # it composes with the other habits: a near miss stays a near miss, a lazy answer stays lazy
+    kinds = {oracle_turns(_example(), random.Random(s), imperfect=True, verbose=True)[0][-1] for s in range(20)}
+    assert kinds == {"<answer> The answer is Gold </answer>", f"<answer> The answer is {NEAR_MISS} </answer>"}
+    assert oracle_turns(_example(1), random.Random(0), imperfect=False, premature=True, guess="Wrong",
+                        verbose=True)[0] == ["<answer> The answer is Wrong </answer>"]
 
 
 def test_guess_is_a_wrong_answer_of_the_same_relation():

@@ -293,6 +293,10 @@ class SFTConfig(_Section):
                                    "with none a guess (another question's answer of the same type). A habit RL "
                                    "must unlearn, where a first-occurrence reward has signal (the skipped search "
                                    "finds the answer) even when the final answer is wrong.")
+    verbose_share: float = Field(0.0, ge=0, le=1, description="Share of oracle trajectories whose final answer is "
+                                 "a phrase ('The answer is X'), as an instruction-following model writes it: right "
+                                 "knowledge, wrong form, exact match 0. A habit SFT copies and only the reward can "
+                                 "correct.")
     max_steps: int = Field(1200, gt=0, description="Optimizer steps.")
     max_minutes: float = Field(5.0, gt=0, description="Wall-clock cap; training stops at whichever comes first.")
     batch_size: int = Field(16, gt=0, description="Trajectories per step.")

@@ -38,10 +38,12 @@ from tspo_core.metrics import contains_answer
 
 
 def oracle_turns(example: QAExample, rng: random.Random, imperfect: bool, premature: bool = False,
-                 guess: str | None = None) -> tuple[list[str], str]:
+                 guess: str | None = None, verbose: bool = False) -> tuple[list[str], str]:
     """The oracle's turn texts for `example` and the kind of trajectory ("oracle", "near_miss", "redundant",
     "premature"). `premature` (wins over `imperfect`) stops after k < n hops and answers hop k's entity; k = 0
-    (answering at once, with `guess`: a wrong answer of the right type) only when a guess is given."""
+    (answering at once, with `guess`: a wrong answer of the right type) only when a guess is given. `verbose`
+    wraps the final answer in a phrase (`VERBOSE`), which exact match scores 0: the teacher's habit, not its
+    knowledge, is wrong."""
     hops = example.metadata.get("hops") or []
     queries = [h["query"] for h in hops]
     answer = example.golden_answers[0]
@@ -50,15 +52,23 @@ def oracle_turns(example: QAExample, rng: random.Random, imperfect: bool, premat
     if premature and len(hops) > first:
         k = rng.randrange(first, len(hops))  # searches made before the lazy answer
         turns = [f"<search> {q} </search>" for q in queries[:k]]
-        return [*turns, f"<answer> {hops[k - 1]['answer'] if k else guess} </answer>"], "premature"
+        return [*turns, _answer_turn(hops[k - 1]["answer"] if k else guess, verbose)], "premature"
     if imperfect and queries:
         kind = rng.choice(["near_miss", "redundant"])
         if kind == "redundant":
             k = rng.randrange(len(queries))
             queries = queries[:k + 1] + [queries[k]] + queries[k + 1:]
     turns = [f"<search> {q} </search>" for q in queries]
-    turns.append(f"<answer> {NEAR_MISS if kind == 'near_miss' else answer} </answer>")
+    turns.append(_answer_turn(NEAR_MISS if kind == "near_miss" else answer, verbose))
     return turns, kind
+
+
+VERBOSE = "The answer is {}"
+"""A verbose teacher's answer form: what an instruction-following model writes, and what exact match rejects."""
+
+
+def _answer_turn(answer: str, verbose: bool) -> str:
+    return f"<answer> {VERBOSE.format(answer) if verbose else answer} </answer>"
 
 
 NEAR_MISS = "\x00near-miss\x00"
@@ -111,7 +121,7 @@ class OracleResult:
 def make_oracle_trajectories(examples: Sequence[QAExample], engine: RolloutEngine, imperfect_share: float,
                              seed: int, batch_size: int = 256,
                              progress: Callable[[int], None] | None = None,
-                             premature_share: float = 0.0) -> OracleResult:
+                             premature_share: float = 0.0, verbose_share: float = 0.0) -> OracleResult:
     """Run the oracle through `engine` (its retriever is the real index). Questions need `metadata["hops"]`.
     A trajectory is kept when every hop it searched for found that hop's answer in its observation."""
     rng = random.Random(seed)
@@ -125,14 +135,16 @@ def make_oracle_trajectories(examples: Sequence[QAExample], engine: RolloutEngin
             imperfect = rng.random() < imperfect_share
             premature = premature_share > 0 and rng.random() < premature_share
             guess = _guess(chunk, i, rng) if premature else None
-            turns, kind = oracle_turns(ex, rng, imperfect, premature, guess)
+            verbose = verbose_share > 0 and rng.random() < verbose_share
+            turns, kind = oracle_turns(ex, rng, imperfect, premature, guess, verbose)
+            kind += "+verbose" if verbose else ""
             scripts[tuple(engine.prompt_ids(ex.question))] = (turns, ex.golden_answers)
             chunk_kinds.append(kind)
         engine.backend = OracleBackend(engine.tokenizer, scripts)
         batch = engine.run(chunk, group_size=1, temperature=0.0)
         for r, kind in zip(batch.rollouts, chunk_kinds):
             hops = r.example.metadata.get("hops") or []
-            if kind == "premature":
+            if kind.startswith("premature"):
                 hops = hops[:r.num_searches]
             found = all(any(o is not None and contains_answer(o, [h["answer"]]) for o in r.observations)
                         for h in hops)
@@ -299,7 +311,8 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
                              "sft.trajectories for real data")
         random.Random(cfg.seed).shuffle(train)
         oracle = make_oracle_trajectories(train, engine, cfg.imperfect_share, cfg.seed,
-                                          premature_share=cfg.premature_share)
+                                          premature_share=cfg.premature_share,
+                                          verbose_share=cfg.verbose_share)
         segments, kinds, dropped = [r.segments for r in oracle.rollouts], oracle.kinds, oracle.dropped
     t_data = time.monotonic() - t0
     with autocast:
@@ -308,8 +321,9 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
     engine.backend = HFBackend(policy, tokenizer)
     dev = [ex for name in FAMILIES for ex in load_split(params.paths.data_dir, name, "dev")[:cfg.validate_per_family]]
     summary = {"trajectories": len(segments), "dropped": dropped,
-               "imperfect": sum(k != "oracle" for k in kinds),
-               "premature": sum(k == "premature" for k in kinds), "trajectory_seconds": round(t_data, 1),
+               "imperfect": sum(k.split("+")[0] != "oracle" for k in kinds),
+               "premature": sum(k.startswith("premature") for k in kinds),
+               "verbose": sum(k.endswith("+verbose") for k in kinds), "trajectory_seconds": round(t_data, 1),
                "steps": len(history), "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
                "final_loss": sum(h["loss"] for h in history[-20:]) / max(len(history[-20:]), 1),
                "final_token_acc": sum(h["token_acc"] for h in history[-20:]) / max(len(history[-20:]), 1),
