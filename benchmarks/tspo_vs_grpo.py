@@ -28,6 +28,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
     os.environ.setdefault(_k, _v)
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
@@ -77,6 +78,23 @@ def run_one(params, name: str, estimator: str) -> dict:
         metrics["meta"]["train_seconds"] = round(t_train, 1)
         write_json(done, metrics)  # last: its presence means the run is complete
     return {"history": read_history(history_file), "test": json.loads(done.read_text(encoding="utf-8"))}
+
+
+def check_cache(out: Path, base, sft: Path, eval_every: int) -> None:
+    """Finished runs under `out/runs` are reused by name only, so they must come from the same starting checkpoint
+    and base settings: `out/runs/key.json` records both, and other ones stop the script instead of mixing runs."""
+    from tspo_core.train.rl import _dir_id
+
+    settings = base.model_dump(mode="json")
+    settings.pop("paths")
+    key = {"sft": _dir_id(sft), "eval_every": eval_every,
+           "params": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}
+    file = out / "runs" / "key.json"
+    if file.is_file() and json.loads(file.read_text(encoding="utf-8")) != key:
+        raise SystemExit(f"{file.parent} holds runs from another SFT checkpoint or other settings (recorded "
+                         f"{file.read_text(encoding='utf-8').strip()}, now {json.dumps(key)}); remove that "
+                         "directory to start over, or pass another --out")
+    write_json(file, key)
 
 
 def _progress(name: str):
@@ -279,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep[a] = name
             if a != alpha0:
                 plan.append((name, "tspo", args.seeds[0], a))
+    check_cache(out, base, Path(args.sft), args.eval_every)
     sft_params = run_params(base, "sft", out, Path(args.sft), "grpo", args.seeds[0], alpha0, args.eval_every)
     print(f"SFT baseline from {args.sft}", flush=True)
     sft = sft_baseline(sft_params, out)

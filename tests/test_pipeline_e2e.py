@@ -85,6 +85,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     assert bench.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+    # runs of other settings are never mixed in: another step count stops the script before anything is reused
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main(argv[:2] + ["--steps", "3"] + argv[argv.index("--eval-every"):])
 
 
 def _load_benchmark():
