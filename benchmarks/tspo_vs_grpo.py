@@ -90,6 +90,9 @@ def check_cache(out: Path, base, sft: Path, eval_every: int) -> None:
     key = {"sft": _dir_id(sft), "eval_every": eval_every,
            "params": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}
     file = out / "runs" / "key.json"
+    if not file.is_file() and file.parent.is_dir() and any(file.parent.iterdir()):
+        raise SystemExit(f"{file.parent} holds runs of unknown origin (no key.json: written before this check "
+                         "existed); remove that directory to start over, or pass another --out")
     if file.is_file() and json.loads(file.read_text(encoding="utf-8")) != key:
         raise SystemExit(f"{file.parent} holds runs from another SFT checkpoint or other settings (recorded "
                          f"{file.read_text(encoding='utf-8').strip()}, now {json.dumps(key)}); remove that "

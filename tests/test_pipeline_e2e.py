@@ -41,6 +41,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in sft["history"])
     assert sft["history"][-1]["loss"] < sft["history"][0]["loss"]
     assert (tmp_path / "sft" / "config.json").is_file() and (tmp_path / "sft" / "sft_summary.json").is_file()
+    # the verbose habit is counted apart from the imperfect kinds (a verbose oracle trajectory is not imperfect)
+    summary = sft["summary"]
+    assert 0 < summary["imperfect"] < summary["verbose"] < summary["trajectories"] and summary["premature"] == 0
 
     sft_weights = {k: v.clone() for k, v in _weights(tmp_path / "sft").items()}
     for est in ("grpo", "tspo"):
@@ -88,6 +91,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # runs of other settings are never mixed in: another step count stops the script before anything is reused
     with pytest.raises(SystemExit, match="other settings"):
         bench.main(argv[:2] + ["--steps", "3"] + argv[argv.index("--eval-every"):])
+    (out / "runs" / "key.json").unlink()  # runs from before the key existed: of unknown origin, never reused
+    with pytest.raises(SystemExit, match="unknown origin"):
+        bench.main(argv)
 
 
 def _load_benchmark():

@@ -50,8 +50,8 @@ from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import restore_interrupted_swap
 from tspo_core.metrics import exact_match
-from tspo_core.train.checkpoint import CheckpointError, load_trainer_state, rng_state, save_checkpoint, \
-    set_rng_state
+from tspo_core.train.checkpoint import STATE_FILE, CheckpointError, load_trainer_state, rng_state, \
+    save_checkpoint, set_rng_state
 from tspo_core.train.lora import describe, load_adapters, lora_settings
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,17 @@ class Dist:
     def all_sum_grads(self, grads: Sequence[torch.Tensor], bucket_elems: int = 1 << 25) -> None:
         """Sum gradients over ranks in place, a few large all-reduces instead of one per parameter: gradients of
         one dtype and device are packed into flat buckets of up to `bucket_elems` elements (128 MB of fp32, so
-        the extra memory stays bounded for a 7B model), reduced, and copied back. Elementwise the same sums."""
+        the extra memory stays bounded for a 7B model), reduced, and copied back; a bucket of one gradient (a large
+        embedding alone) is reduced in place, without a copy. Elementwise the same sums."""
         if self.world == 1:
             return
         bucket: list[torch.Tensor] = []
         size = 0
 
         def flush() -> None:
+            if len(bucket) == 1 and bucket[0].is_contiguous():
+                self.all_sum(bucket[0])
+                return
             flat = self.all_sum(torch.cat([g.reshape(-1) for g in bucket]))
             offset = 0
             for g in bucket:
@@ -407,7 +411,7 @@ class RLTrainer:
         ckpt_dir = Path(ckpt_dir)
         if restore_interrupted_swap(ckpt_dir):
             log.warning("%s: restored the checkpoint a crash left moved aside", ckpt_dir)
-        if (ckpt_dir / "trainer_state.pt").exists():
+        if (ckpt_dir / STATE_FILE).exists():
             stored_state = load_trainer_state(ckpt_dir)[0]
             if stored_state.get("fingerprint") != self.fingerprint:
                 # DVC keeps this output across runs (persist: true, for crash recovery); a checkpoint of other
@@ -482,7 +486,7 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     elif dist.rank == 0:
         with atomic_dir(out_dir / "model") as tmp:
             for f in (out_dir / "checkpoint").iterdir():
-                if f.is_file() and f.name not in ("trainer_state.pt",):
+                if f.is_file() and f.name != STATE_FILE:
                     shutil.copy2(f, tmp / f.name)
     return history
 
