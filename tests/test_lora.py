@@ -22,7 +22,7 @@ from tspo_core.train.rl import RLTrainer, run_rl, token_logprobs
 
 from conftest import REPO
 from test_precision import _positive_advantages
-from test_rl import QUESTIONS, DictRetriever, make_trainer, metrics_of
+from test_rl import QUESTIONS, DictRetriever, crash_then_resume, make_trainer, metrics_of
 
 LORA = ModelConfig(lora_r=4, lora_alpha=8)
 
@@ -121,22 +121,8 @@ def test_the_stage_writes_a_plain_merged_checkpoint_with_the_adapted_logits(tmp_
 def test_resume_from_a_lora_checkpoint_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     full = make_trainer(steps=3, lora=LORA)
     full.fit(tmp_path / "full")
-    part = make_trainer(steps=3, lora=LORA)
-    real_step = part.train_step
-
-    def crash_in_step_three():
-        if part.step == 2:
-            raise RuntimeError("simulated crash")
-        return real_step()
-
-    monkeypatch.setattr(part, "train_step", crash_in_step_three)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        part.fit(tmp_path / "part")  # leaves the checkpoint of step 2: adapters + optimizer, scheduler, RNG
-    resumed = make_trainer(steps=3, lora=LORA)
-    trained = []
-    real_resumed_step = resumed.train_step
-    monkeypatch.setattr(resumed, "train_step", lambda: trained.append(resumed.step) or real_resumed_step())
-    resumed.fit(tmp_path / "part")
+    # the crash leaves the checkpoint of step 2: adapters + optimizer, scheduler, RNG
+    resumed, trained = crash_then_resume(tmp_path / "part", monkeypatch, lambda: make_trainer(steps=3, lora=LORA))
     assert trained == [2]  # it really resumed
     assert metrics_of(resumed.history) == metrics_of(full.history)
     af, ar = _adapters(full.model), _adapters(resumed.model)

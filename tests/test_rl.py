@@ -95,11 +95,10 @@ def test_nonfinite_loss_is_skipped_and_parameters_stay_finite():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    full = make_trainer(steps=4)
-    full.fit(tmp_path / "full")
-    # the same run crashes during step 3 (the checkpoint of step 2 is on disk); a fresh process resumes
-    part = make_trainer(steps=4)
+def crash_then_resume(ckpt_dir, monkeypatch, make):
+    """`make()` trainer crashes during step 3 (the checkpoint of step 2 is on disk); a fresh `make()` trainer then
+    fits from `ckpt_dir`. Returns it and the steps it trained itself."""
+    part = make()
     real_step = part.train_step
 
     def crash_in_step_three():
@@ -109,12 +108,19 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypa
 
     monkeypatch.setattr(part, "train_step", crash_in_step_three)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        part.fit(tmp_path / "part")
-    resumed = make_trainer(steps=4, seed=0)
+        part.fit(ckpt_dir)
+    resumed = make()
     trained = []
     real_resumed_step = resumed.train_step
     monkeypatch.setattr(resumed, "train_step", lambda: trained.append(resumed.step) or real_resumed_step())
-    resumed.fit(tmp_path / "part")
+    resumed.fit(ckpt_dir)
+    return resumed, trained
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = make_trainer(steps=4)
+    full.fit(tmp_path / "full")
+    resumed, trained = crash_then_resume(tmp_path / "part", monkeypatch, lambda: make_trainer(steps=4, seed=0))
     assert trained == [2, 3]  # it really resumed: only steps 3 and 4 were trained in this process
     assert metrics_of(resumed.history) == metrics_of(full.history)
     pf, pr = params_of(full), params_of(resumed)

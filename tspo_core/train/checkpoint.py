@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,14 @@ def save_checkpoint(path: str | Path, model, tokenizer, state: dict[str, Any], h
         # a full disk surfaces as OSError from plain writes, RuntimeError from torch.save's zip writer and
         # SafetensorError from save_pretrained
         raise CheckpointError(f"{path}: cannot write checkpoint ({err}); the previous one is intact") from err
+
+
+def copy_checkpoint_files(ckpt_dir: str | Path, dest: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the files of checkpoint `ckpt_dir` into the directory `dest`, except the trainer state and `skip`:
+    what a stage's final model keeps of its last training checkpoint (weights, tokenizer, history)."""
+    for f in Path(ckpt_dir).iterdir():
+        if f.is_file() and f.name not in (STATE_FILE, *skip):
+            shutil.copy2(f, Path(dest) / f.name)
 
 
 def load_trainer_state(path: str | Path) -> tuple[dict[str, Any], list[dict]]:

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 
 from tspo_core.config import ModelConfig
 from tspo_core.errors import ConfigError
-from tspo_core.train.checkpoint import STATE_FILE, CheckpointError
+from tspo_core.train.checkpoint import CheckpointError, copy_checkpoint_files
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
 """What peft's `save_pretrained` writes into a checkpoint (README.md: its model card)."""
@@ -115,7 +114,5 @@ def write_merged_model(ckpt_dir: str | Path, model_dir: str | Path, base_dir: st
     base, _ = load_policy(base_dir, cfg.model_copy(update={"dtype": "float32"}), "cpu")
     merged = PeftModel.from_pretrained(base, str(ckpt_dir)).merge_and_unload()
     with atomic_dir(model_dir) as tmp:
-        for f in ckpt_dir.iterdir():
-            if f.is_file() and f.name not in (STATE_FILE, *ADAPTER_FILES):
-                shutil.copy2(f, tmp / f.name)
+        copy_checkpoint_files(ckpt_dir, tmp, skip=ADAPTER_FILES)
         merged.save_pretrained(tmp)

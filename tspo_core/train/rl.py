@@ -50,8 +50,8 @@ from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import restore_interrupted_swap
 from tspo_core.metrics import exact_match
-from tspo_core.train.checkpoint import STATE_FILE, CheckpointError, load_trainer_state, rng_state, \
-    save_checkpoint, set_rng_state
+from tspo_core.train.checkpoint import STATE_FILE, CheckpointError, copy_checkpoint_files, load_trainer_state, \
+    rng_state, save_checkpoint, set_rng_state
 from tspo_core.train.lora import describe, load_adapters, lora_settings
 
 log = logging.getLogger(__name__)
@@ -485,9 +485,7 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
         write_merged_model(out_dir / "checkpoint", out_dir / "model", sft_dir, params.model)
     elif dist.rank == 0:
         with atomic_dir(out_dir / "model") as tmp:
-            for f in (out_dir / "checkpoint").iterdir():
-                if f.is_file() and f.name != STATE_FILE:
-                    shutil.copy2(f, tmp / f.name)
+            copy_checkpoint_files(out_dir / "checkpoint", tmp)
     return history
 
 

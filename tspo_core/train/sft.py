@@ -115,6 +115,7 @@ class OracleBackend:
 class OracleResult:
     rollouts: list[Rollout]
     kinds: list[str]
+    verbose: list[bool]  # per kept trajectory: its answer is in the verbose form
     dropped: int  # oracle trajectories whose evidence did not contain a hop's answer
 
 
@@ -127,24 +128,25 @@ def make_oracle_trajectories(examples: Sequence[QAExample], engine: RolloutEngin
     rng = random.Random(seed)
     kept: list[Rollout] = []
     kinds: list[str] = []
+    verbose_flags: list[bool] = []
     dropped = 0
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
-        scripts, chunk_kinds = {}, []
+        scripts, chunk_kinds, chunk_verbose = {}, [], []
         for i, ex in enumerate(chunk):
             imperfect = rng.random() < imperfect_share
             premature = premature_share > 0 and rng.random() < premature_share
             guess = _guess(chunk, i, rng) if premature else None
             verbose = verbose_share > 0 and rng.random() < verbose_share
             turns, kind = oracle_turns(ex, rng, imperfect, premature, guess, verbose)
-            kind += "+verbose" if verbose else ""
             scripts[tuple(engine.prompt_ids(ex.question))] = (turns, ex.golden_answers)
             chunk_kinds.append(kind)
+            chunk_verbose.append(verbose)
         engine.backend = OracleBackend(engine.tokenizer, scripts)
         batch = engine.run(chunk, group_size=1, temperature=0.0)
-        for r, kind in zip(batch.rollouts, chunk_kinds):
+        for r, kind, verbose in zip(batch.rollouts, chunk_kinds, chunk_verbose):
             hops = r.example.metadata.get("hops") or []
-            if kind.startswith("premature"):
+            if kind == "premature":
                 hops = hops[:r.num_searches]
             found = all(any(o is not None and contains_answer(o, [h["answer"]]) for o in r.observations)
                         for h in hops)
@@ -153,9 +155,10 @@ def make_oracle_trajectories(examples: Sequence[QAExample], engine: RolloutEngin
                 continue
             kept.append(r)
             kinds.append(kind)
+            verbose_flags.append(verbose)
         if progress:
             progress(len(chunk))
-    return OracleResult(kept, kinds, dropped)
+    return OracleResult(kept, kinds, verbose_flags, dropped)
 
 
 def _guess(chunk: Sequence[QAExample], i: int, rng: random.Random) -> str | None:
@@ -302,7 +305,7 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
     engine = make_engine(policy, tokenizer, retriever, params.rollout, params.retrieval, params.model)
     t0 = time.monotonic()
     if cfg.trajectories:
-        segments, kinds, dropped = load_trajectories(cfg.trajectories, engine), [], 0
+        segments, kinds, verbose, dropped = load_trajectories(cfg.trajectories, engine), [], [], 0
     else:
         train = [ex for name in FAMILIES for ex in load_split(params.paths.data_dir, name, "train")
                  if ex.metadata.get("hops")]
@@ -313,7 +316,8 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
         oracle = make_oracle_trajectories(train, engine, cfg.imperfect_share, cfg.seed,
                                           premature_share=cfg.premature_share,
                                           verbose_share=cfg.verbose_share)
-        segments, kinds, dropped = [r.segments for r in oracle.rollouts], oracle.kinds, oracle.dropped
+        segments, kinds, verbose, dropped = ([r.segments for r in oracle.rollouts], oracle.kinds, oracle.verbose,
+                                             oracle.dropped)
     t_data = time.monotonic() - t0
     with autocast:
         history = sft_train(policy, engine.pad_id, segments, cfg, on_step=progress)
@@ -321,9 +325,9 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
     engine.backend = HFBackend(policy, tokenizer)
     dev = [ex for name in FAMILIES for ex in load_split(params.paths.data_dir, name, "dev")[:cfg.validate_per_family]]
     summary = {"trajectories": len(segments), "dropped": dropped,
-               "imperfect": sum(k.split("+")[0] != "oracle" for k in kinds),
-               "premature": sum(k.startswith("premature") for k in kinds),
-               "verbose": sum(k.endswith("+verbose") for k in kinds), "trajectory_seconds": round(t_data, 1),
+               "imperfect": sum(k != "oracle" for k in kinds),
+               "premature": sum(k == "premature" for k in kinds),
+               "verbose": sum(verbose), "trajectory_seconds": round(t_data, 1),
                "steps": len(history), "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
                "final_loss": sum(h["loss"] for h in history[-20:]) / max(len(history[-20:]), 1),
                "final_token_acc": sum(h["token_acc"] for h in history[-20:]) / max(len(history[-20:]), 1),
