@@ -18,7 +18,7 @@ from tspo_core.errors import ConfigError
 
 EPS = 1e-6
 ALPHA = 0.5
-NAMES = ("grpo", "grpo_folr", "tspo")
+NAMES = ("grpo", "grpo_folr", "tspo", "tspo_switch", "tspo_shared")
 
 # Token layout used by the hand examples: [prompt, turn 0, obs, turn 1, obs, turn 2], one token per turn.
 LAYOUT_TURNS = [-1, 0, -1, 1, -1, 2]
@@ -56,10 +56,17 @@ def test_all_outcomes_zero_but_some_found_grpo_silent_tspo_not():
     assert torch.equal(run("grpo", x), torch.zeros(3, 6))
     # grpo_folr: s broadcast: (1/6)/sd, (-1/3)/sd, (1/6)/sd
     torch.testing.assert_close(run("grpo_folr", x), on_turns([(hi, hi, hi), (lo, lo, lo), (hi, hi, hi)]))
-    # tspo: rollout 0 (f=1): turns 0,1 return 0.5 -> hi, turn 2 return 0 -> lo
-    #       rollout 1 (none): all returns 0 -> lo
-    #       rollout 2 (f=0): turn 0 -> hi; turns 1,2 -> lo (found and still answered wrongly)
-    torch.testing.assert_close(run("tspo", x), on_turns([(hi, hi, lo), (lo, lo, lo), (hi, lo, lo)]))
+    # tspo: search stages get S against mean(s); answer stages O against mean(o), and all o are equal -> 0
+    #       rollout 0 (f=1): turns 0,1 search -> hi, turn 2 answer -> 0
+    #       rollout 1 (none): every turn is search stage -> lo
+    #       rollout 2 (f=0): turn 0 -> hi; turns 1,2 answer -> 0
+    expected = on_turns([(hi, hi, 0), (lo, lo, lo), (hi, 0, 0)])
+    torch.testing.assert_close(run("tspo", x), expected)
+    # tspo_switch: outcomes all equal -> the search-stage term, 0 on answer stages: the same here
+    torch.testing.assert_close(run("tspo_switch", x), expected)
+    # tspo_shared (the first definition): every turn's return R_k = o + alpha [k <= f] against mean(s):
+    #       rollout 0: turns 0,1 return .5 -> hi, turn 2 return 0 -> lo; rollout 2: turn 0 hi, turns 1,2 lo
+    torch.testing.assert_close(run("tspo_shared", x), on_turns([(hi, hi, lo), (lo, lo, lo), (hi, lo, lo)]))
 
 
 def test_two_interleaved_groups_of_unequal_lengths():
@@ -70,20 +77,61 @@ def test_two_interleaved_groups_of_unequal_lengths():
     # group 3: o = [1, 0], f = [0, none] -> s = [1.5, 0]
     #   grpo: mean .5, std = sqrt((.25+.25)/1) = .70711 -> A = +-.5/.70711 = +-.70711
     #   s: mean .75, std = sqrt((.5625+.5625)/1) = 1.06066 -> grpo_folr = +-.75/1.06066 = +-.70711
-    #   tspo rollout 0: turn 0 (search stage) (1.5-.75)/1.06066 = .70711; turns 1,2 (1-.75)/1.06066 = .23570
-    #   tspo rollout 2: (0-.75)/1.06066 = -.70711
+    #   tspo rollout 0: turn 0 (search stage) S = (1.5-.75)/1.06066 = .70711; turns 1,2 (answer stage)
+    #                   O = (1-.5)/.70711 = .70711 (grpo's value)
+    #   tspo rollout 2 (never found: all search stage): S = (0-.75)/1.06066 = -.70711
+    #   tspo_switch: outcomes differ -> grpo on every turn
+    #   tspo_shared rollout 0: turn 0 (1.5-.75)/1.06066 = .70711; turns 1,2 (1-.75)/1.06066 = .23570
     # group 9: o = [0, 0], f = [none, 1] -> s = [0, .5]
     #   grpo: all o equal -> 0
     #   s: mean .25, std = sqrt((.0625+.0625)/1) = .35355 -> grpo_folr = +-.25/.35355 = +-.70711
-    #   tspo rollout 1: (0-.25)/.35355 = -.70711 on its two turns
-    #   tspo rollout 3: turns 0,1 (.5-.25)/.35355 = .70711; turn 2 (0-.25)/.35355 = -.70711
+    #   tspo, tspo_switch rollout 1: (0-.25)/.35355 = -.70711 on its two turns
+    #   tspo, tspo_switch rollout 3: turns 0,1 (.5-.25)/.35355 = .70711; turn 2 (answer stage, o all equal) 0
+    #   tspo_shared rollout 3: turn 2 return 0: (0-.25)/.35355 = -.70711
     s3, s9, so = math.sqrt(1.125) + EPS, math.sqrt(0.125) + EPS, math.sqrt(0.5) + EPS
     g = 0.5 / so
     torch.testing.assert_close(run("grpo", x), on_turns([(g, g, g), (0, 0, 0), (-g, -g, -g), (0, 0, 0)]))
     a, b = 0.75 / s3, 0.25 / s9
     torch.testing.assert_close(run("grpo_folr", x), on_turns([(a, a, a), (-b, -b, 0), (-a, -a, -a), (b, b, b)]))
+    torch.testing.assert_close(run("tspo", x), on_turns([(a, g, g), (-b, -b, 0), (-a, -a, -a), (b, b, 0)]))
+    torch.testing.assert_close(run("tspo_switch", x), on_turns([(g, g, g), (-b, -b, 0), (-g, -g, -g), (b, b, 0)]))
     c = 0.25 / s3
-    torch.testing.assert_close(run("tspo", x), on_turns([(a, c, c), (-b, -b, 0), (-a, -a, -a), (b, b, -b)]))
+    torch.testing.assert_close(run("tspo_shared", x),
+                               on_turns([(a, c, c), (-b, -b, 0), (-a, -a, -a), (b, b, -b)]))
+
+
+def test_tspo_md_example_all_found_four_right():
+    # TSPO.md "Why the first definition was replaced", first example: five rollouts all found the answer in turn 0,
+    # four answered right. o = [1,1,1,1,0], s = [1.5,1.5,1.5,1.5,.5]
+    # o: mean .8, sample var (4*.04 + .64)/4 = .2, std .44721 -> O = +.2/.44721 = +.44721 / -.8/.44721 = -1.78885
+    # s: mean 1.3, sample var (4*.04 + .64)/4 = .2, std .44721
+    x = inputs([1, 1, 1, 1, 0], [0] * 5, [0] * 5)
+    sd = math.sqrt(0.2) + EPS
+    good, bad = 0.2 / sd, -0.8 / sd  # +.44721, -1.78885
+    # tspo: turn 0 (search) S = (1.5-1.3)/.44721 = +.44721 or (.5-1.3)/.44721 = -1.78885; answer turns O = grpo
+    assert run("grpo", x)[0, 3].item() == pytest.approx(0.4472, abs=1e-4)
+    torch.testing.assert_close(run("tspo", x), on_turns([(good, good, good)] * 4 + [(bad, bad, bad)]))
+    torch.testing.assert_close(run("tspo_switch", x), run("grpo", x))  # outcomes differ -> grpo
+    # tspo_shared: a correct answer turn (return 1) gets (1-1.3)/.44721 = -.67082 (the documented bias)
+    shared = run("tspo_shared", x)
+    assert shared[0, 3].item() == pytest.approx(-0.6708, abs=1e-4)
+    torch.testing.assert_close(shared, on_turns([(good, -0.3 / sd, -0.3 / sd)] * 4 + [(bad, -1.3 / sd, -1.3 / sd)]))
+
+
+def test_tspo_md_example_four_successes_one_without_retrieval():
+    # Second example: four complete successes (found in turn 0) and one correct answer without retrieval.
+    # o = [1]*5 (all equal), s = [1.5]*4 + [1]: mean 1.4, sample var (4*.01 + .16)/4 = .05, std .22361
+    x = inputs([1] * 5, [0, 0, 0, 0, -1], [0] * 5)
+    sd = math.sqrt(0.05) + EPS
+    up, down = 0.1 / sd, -0.4 / sd  # +.44721, -1.78885
+    # tspo: search stage S (rollout 4 never found: all its turns are search stage); answer stages 0 (o all equal)
+    expected = on_turns([(up, 0, 0)] * 4 + [(down, down, down)])
+    torch.testing.assert_close(run("tspo", x), expected)
+    torch.testing.assert_close(run("tspo_switch", x), expected)
+    # tspo_shared: every correct answer turn (return 1) gets (1-1.4)/.22361 = -1.78885
+    shared = run("tspo_shared", x)
+    assert shared[0, 3].item() == pytest.approx(-1.7889, abs=1e-4)
+    torch.testing.assert_close(shared, on_turns([(up, down, down)] * 4 + [(down, down, down)]))
 
 
 @pytest.mark.parametrize("o, f", [
@@ -143,13 +191,28 @@ def test_group_id_values_and_order_do_not_matter(name):
 
 def test_alpha_zero_makes_all_estimators_grpo():
     x = dict(inputs([1, 0, 0, 1, 0], [0, 1, -1, 2, 0], [0, 0, 0, 1, 1]), alpha=0.0)
-    for name in ("grpo_folr", "tspo"):
-        assert torch.equal(run(name, x), run("grpo", x))
+    for name in NAMES:
+        torch.testing.assert_close(run(name, x), run("grpo", x), rtol=0, atol=1e-7)
 
 
-def test_tspo_equals_grpo_folr_without_first_occurrence():
+@pytest.mark.parametrize("name", ["tspo", "tspo_switch", "tspo_shared"])
+def test_tspo_equals_grpo_folr_without_first_occurrence(name):
     x = inputs([1, 0, 0, 1], [-1, -1, -1, -1], [0, 0, 1, 1])
-    assert torch.equal(run("tspo", x), run("grpo_folr", x))
+    assert torch.equal(run(name, x), run("grpo_folr", x))
+
+
+@settings(max_examples=100, deadline=None)
+@given(o=st.lists(st.sampled_from([0.0, 1.0]), min_size=2, max_size=6), data=st.data())
+def test_tspo_answer_stage_is_grpo_and_search_stage_is_grpo_folr(o, data):
+    # the stage-matched estimator: answer-stage tokens carry GRPO's value (never pushed below its sign), search-stage
+    # tokens FOLR's trajectory value
+    f = data.draw(st.lists(st.integers(-1, 2), min_size=len(o), max_size=len(o)))
+    x = inputs(o, f, [0] * len(o))
+    turn = x["turn_index"]
+    search = (turn <= x["first_occurrence"][:, None]) | (x["first_occurrence"][:, None] < 0)
+    answer = x["policy_mask"].bool() & ~search
+    assert torch.equal(run("tspo", x)[answer], run("grpo", x)[answer])
+    assert torch.equal(run("tspo", x)[search], run("grpo_folr", x)[search])
 
 
 # ---------------------------------------------------------------------------------------------------------------

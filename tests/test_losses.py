@@ -71,6 +71,29 @@ def test_k3_kl_zero_when_equal():
     assert kl_k3_loss(logp, logp.clone(), torch.ones(3, 5))[0].item() == 0.0
 
 
+def test_k3_kl_far_off_token_is_clamped_with_a_finite_gradient():
+    # token 0: logp -31, ref -1 -> d = 30: e^30 - 30 - 1 = 1.07e13 unclamped; clamped to 10
+    # token 1: logp -1.5, ref -1 -> d = .5: e^.5 - .5 - 1 = .148721 (inside the clamp, unchanged)
+    logp = torch.tensor([[-31.0, -1.5]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    per_token = kl_k3(logp, ref)
+    assert per_token[0, 0].item() == 10.0
+    assert per_token[0, 1].item() == pytest.approx(math.exp(0.5) - 1.5, abs=1e-6)
+    kl, m = kl_k3_loss(logp, ref, torch.ones(1, 2))
+    assert m["kl"] == pytest.approx((10.0 + math.exp(0.5) - 1.5) / 2, abs=1e-6)  # 5.074361, not 5.3e12
+    kl.backward()
+    # the clamped token has a zero gradient (not NaN: d is clamped to +-20 before the exp); the other token's is
+    # d/dlogp (e^d - d - 1) / 2 = (1 - e^d) / 2 = (1 - 1.648721) / 2 = -.324361
+    assert logp.grad[0, 0].item() == 0.0
+    assert logp.grad[0, 1].item() == pytest.approx((1 - math.exp(0.5)) / 2, abs=1e-6)
+    # a much larger gap and the setting: still bounded, finite
+    huge = kl_k3(torch.tensor([-1000.0]), torch.tensor([0.0]), clamp=3.0)
+    assert huge.item() == 3.0
+    total, _ = policy_loss(logp.detach(), logp.detach(), torch.zeros(1, 2), torch.ones(1, 2), ref_logp=ref,
+                           kl_coef=1.0, kl_clamp=1.0)
+    assert total.item() == pytest.approx((1.0 + math.exp(0.5) - 1.5) / 2, abs=1e-6)
+
+
 @settings(max_examples=200, deadline=None)
 @given(a=st.floats(-20, 0), b=st.floats(-20, 0))
 def test_k3_kl_positive_when_different(a, b):

@@ -41,21 +41,26 @@ def test_word_boundaries():
 
 
 @pytest.mark.parametrize("text, gold", [
-    ("He was born in São Paulo!", "sao paulo"),     # accents are kept by the normalization: no match
-])
-def test_accents_are_not_folded(text, gold):
-    assert first_occurrence_turn([text], [gold]) is None
-
-
-@pytest.mark.parametrize("text, gold", [
     ("He was born in São Paulo!", "São Paulo"),
-    ("the band «The Beatles» formed", "Beatles"),    # unicode punctuation and the article
-    ("New-York–based company", "new york"),          # hyphen and en dash become spaces
-    ("“Zürich” is a city", "ZÜRICH"),               # curly quotes, case of non-ASCII letters
-    ("fought in 1914–1918, mostly", "1914-1918"),     # en dash in the text, hyphen in the gold
+    ("the band 'The Beatles' formed", "Beatles"),    # ASCII punctuation and the article
+    ("ZÜRICH is a city", "zürich"),                   # case of non-ASCII letters
+    ("fought in 1914-1918, mostly", "1914-1918"),     # the hyphen is deleted on both sides
 ])
 def test_normalized_matches(text, gold):
     assert first_occurrence_turn([text], [gold]) == 0
+
+
+@pytest.mark.parametrize("text, gold", [
+    ("the band «The Beatles» formed", "Beatles"),    # guillemets are not ASCII punctuation: «the / beatles»
+    ("“Zürich” is a city", "ZÜRICH"),               # curly quotes stay attached to the word
+    ("fought in 1914–1918, mostly", "1914-1918"),     # en dash in the text, hyphen in the gold
+    ("New-York based company", "new york"),          # "newyork" is not the words "new york"
+])
+def test_search_r1_matching_misses_what_only_lenient_finds(text, gold):
+    # Search-R1's normalize_answer deletes string.punctuation only (TSPO.md "Answer matching"): these are not found
+    # under the default and are found under the lenient option
+    assert first_occurrence_turn([text], [gold]) is None
+    assert first_occurrence_turn([text], [gold], "lenient") == 0
 
 
 def test_answer_only_in_the_models_own_text_does_not_count():

@@ -338,7 +338,8 @@ class RewardConfig(_Section):
 
 
 class AdvantageConfig(_Section):
-    estimator: str = Field("tspo", description="Registered estimator: grpo | grpo_folr | tspo.")
+    estimator: str = Field("tspo", description="Registered estimator: grpo | grpo_folr | tspo (stage-matched, "
+                           "TSPO.md) | tspo_switch | tspo_shared (the first TSPO definition, an ablation).")
     eps: float = Field(1e-6, gt=0, description="Added to the group std.")
 
 
@@ -350,6 +351,8 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
     clip_ratio: float = Field(0.2, gt=0, description="PPO clip epsilon.")
     kl_coef: float = Field(0.001, ge=0, description="KL(k3) to the reference policy.")
+    kl_clamp: float = Field(10.0, gt=0, description="Per-token k3 KL clamped to [-kl_clamp, kl_clamp] (verl's "
+                            "low_var_kl: one token far from the reference must not dominate the loss).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus.")
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = Field("token-mean", description="Loss aggregation.")
 
@@ -378,6 +381,10 @@ class EvalConfig(_Section):
     subset_size: int | None = Field(200, gt=0, description="Fixed-seed subset per dataset; null: full sets.")
     seed: int = Field(0, description="Subset seed.")
     batch_size: int = Field(64, gt=0, description="Questions rolled out together (greedy).")
+    answer_normalization: Literal["search_r1", "lenient"] = Field(
+        "search_r1", description="How answers are matched, in evaluation and in the RL reward (EM, F1, cover-EM, "
+        "FOLR's first occurrence): `search_r1` is exactly Search-R1's normalize_answer (comparable with published "
+        "tables); `lenient` also strips Unicode punctuation, spaces dashes and applies NFC (tspo_core/metrics.py).")
 
     @field_validator("datasets")
     @classmethod

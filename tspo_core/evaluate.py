@@ -35,7 +35,7 @@ from tspo_core.config import FAMILIES, PathsConfig
 from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError, DataError
 from tspo_core.io import write_json, write_jsonl, write_text
-from tspo_core.metrics import cover_exact_match, exact_match, f1_score
+from tspo_core.metrics import DEFAULT_NORMALIZATION, cover_exact_match, exact_match, f1_score
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +54,25 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # ----------------------------------------------------------------------------------------------------------------
 # metrics: one example, one dataset, several datasets
 # ----------------------------------------------------------------------------------------------------------------
-def score_rollout(rollout: Any) -> dict[str, Any]:
-    """The per-example result row of one finished rollout (`agent.rollout.Rollout`).
+def score_rollout(rollout: Any, normalization: str = DEFAULT_NORMALIZATION) -> dict[str, Any]:
+    """The per-example result row of one finished rollout (`agent.rollout.Rollout`), answers matched under
+    `normalization` (`eval.answer_normalization`, `tspo_core.metrics`).
 
     `first_occurrence` is the 0-based turn whose observation first contains a gold answer (None: never), searched
     in the retrieved text only; `answer_in_evidence` is whether there is one.
     """
     ex = rollout.example
     golds = list(ex.golden_answers)
-    em = exact_match(rollout.answer, golds)
-    first = first_occurrence_turn(rollout.observations, golds)
+    em = exact_match(rollout.answer, golds, normalization)
+    first = first_occurrence_turn(rollout.observations, golds, normalization)
     return {
         "id": ex.id,
         "question": ex.question,
         "golden_answers": golds,
         "prediction": rollout.answer,
         "em": em,
-        "f1": f1_score(rollout.answer, golds),
-        "cover_em": cover_exact_match(rollout.answer, golds),
+        "f1": f1_score(rollout.answer, golds, normalization),
+        "cover_em": cover_exact_match(rollout.answer, golds, normalization),
         "turns": rollout.num_turns,
         "searches": rollout.num_searches,
         "invalid_actions": rollout.num_invalid,
@@ -200,8 +201,10 @@ def _matches(row: Mapping[str, Any], ex: QAExample) -> bool:
 
 
 def evaluate_dataset(engine: Any, examples: Sequence[QAExample], results_path: str | Path, batch_size: int,
-                     progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Greedy rollouts (G = 1, temperature 0) of `examples` in batches; returns one row per example, in order.
+                     progress: Callable[[dict[str, Any]], None] | None = None,
+                     normalization: str = DEFAULT_NORMALIZATION) -> list[dict[str, Any]]:
+    """Greedy rollouts (G = 1, temperature 0) of `examples` in batches; returns one row per example, in order,
+    scored by `score_rollout` under `normalization`.
 
     Rows are appended to `results_path` as each batch finishes (flush + fsync). Ids already in the file are not
     rolled out again, unless their stored question or gold answers differ from the example's. When done, the file
@@ -235,7 +238,7 @@ def evaluate_dataset(engine: Any, examples: Sequence[QAExample], results_path: s
     for lo in range(0, len(todo), batch_size):
         batch = todo[lo:lo + batch_size]
         result = engine.run(batch, group_size=1, temperature=0.0)
-        rows = [score_rollout(r) for r in result.rollouts]
+        rows = [score_rollout(r, normalization) for r in result.rollouts]
         _append_rows(path, rows)
         done.update((row["id"], row) for row in rows)
         if progress is not None:
@@ -381,7 +384,8 @@ def run_evaluate(params: Any, checkpoint_dir: str | Path, run_name: str,
     rollout = params.rollout.model_dump(mode="json", exclude={"group_size", "temperature", "top_p"})
     card = Path(paths.index_dir) / "index_card.json"
     settings = {"rollout": rollout, "top_k": params.retrieval.top_k, "model": params.model.model_dump(mode="json"),
-                "index_card": hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None}
+                "index_card": hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None,
+                "answer_normalization": cfg.answer_normalization}
     _prepare_run_dir(run_dir, fingerprint(checkpoint_dir, settings))
 
     retriever = open_retriever(params.retrieval, paths)
@@ -403,7 +407,8 @@ def run_evaluate(params: Any, checkpoint_dir: str | Path, run_name: str,
                 log.info("evaluate %s: %s has no %s split; using %s", run_name, name, cfg.split, split)
             chosen = subset(examples, cfg.subset_size, cfg.seed)
             report = None if progress is None else (lambda info, name=name: progress({"dataset": name, **info}))
-            rows = evaluate_dataset(engine, chosen, run_dir / f"{name}.jsonl", cfg.batch_size, report)
+            rows = evaluate_dataset(engine, chosen, run_dir / f"{name}.jsonl", cfg.batch_size, report,
+                                    cfg.answer_normalization)
             per_dataset[name], splits[name] = aggregate(rows), split
             log.info("evaluate %s: %s EM %.3f on %d questions (%s)", run_name, name, per_dataset[name]["em"],
                      len(rows), split)
@@ -423,6 +428,7 @@ def run_evaluate(params: Any, checkpoint_dir: str | Path, run_name: str,
         "average": average_metrics(per_dataset),
         "meta": {"run": run_name, "checkpoint": str(checkpoint_dir), "split": cfg.split, "splits_used": splits,
                  "skipped": skipped, "subset_size": cfg.subset_size, "seed": cfg.seed,
+                 "answer_normalization": cfg.answer_normalization,
                  "seconds": round(time.monotonic() - t0, 1)},
     }
     write_json(Path(paths.metrics_dir) / f"eval_{run_name}.json", metrics)

@@ -12,17 +12,23 @@ tokens:
 - `policy_mask` (B, T) 0/1 or bool: tokens the policy generated.
 - `alpha`: the FOLR latent reward; `eps`: added to the group std (1e-6).
 
-Registered estimators, with s_i = o_i + alpha * [f_i found] (the trajectory score) and group statistics taken
-over the rollouts of i's group (mean, sample std with n - 1):
-1. `grpo`: A_i = (o_i - mean(o)) / (std(o) + eps), broadcast to every policy token (Search-R1).
-2. `grpo_folr`: A_i = (s_i - mean(s)) / (std(s) + eps), broadcast (FOLR without stage awareness).
-3. `tspo`: a token of turn k gets A_{i,k} = (R_{i,k} - mean(s)) / (std(s) + eps), R_{i,k} = o_i + alpha * [k <= f_i]:
-   the search stage (turns up to f_i) has return alpha + o_i, the answer stage (turns after f_i) has o_i.
+Registered estimators (TSPO.md "Stage-aware advantage"), with s_i = o_i + alpha * [f_i found] and group statistics
+taken over the rollouts of i's group (mean, sample std with n - 1). The *search stage* of rollout i is turns
+0..f_i (0-based, up to and including the turn whose retrieval first surfaced a gold answer), or every turn when
+f_i = -1; the *answer stage* is the turns after f_i. Write S_i = (s_i - mean s) / (std s + eps) and
+O_i = (o_i - mean o) / (std o + eps), each 0 in a group whose values of it are all equal (or a group of one):
+1. `grpo`: O_i on every policy token (Search-R1).
+2. `grpo_folr`: S_i on every policy token (FOLR without stage awareness).
+3. `tspo` (default): S_i on search-stage tokens, O_i on answer-stage tokens (stage-matched baselines: the search
+   stage, whose return is s_i, is compared with mean s; the answer stage, whose return is o_i, with mean o).
+4. `tspo_switch`: the "group composition" rule read literally: a group whose outcomes differ gets O_i on every
+   token; a group whose outcomes are all equal gets S_i on search-stage tokens and 0 on answer-stage tokens.
+5. `tspo_shared`: the first definition, an ablation: a token of turn k gets (R_{i,k} - mean s) / (std s + eps) with
+   the return R_{i,k} = o_i + alpha * [k <= f_i]; 0 when all s are equal. Its answer turns are biased by
+   -alpha * p_found / std(s) (TSPO.md "Why the first definition was replaced").
 
-Degenerate groups (decisions, documented): a group whose baseline scores (o for grpo, s otherwise) are all equal
-gets advantage 0 on every token, as TSPO.md states. This is enforced explicitly, not left to `0 / eps`: under
-`tspo` the answer-stage return o_i differs from mean(s) = o_i + alpha even when all s are equal, and would
-otherwise give -alpha / eps. A group of size 1 has no sample std (n - 1 = 0) and counts as degenerate: advantage 0.
+The returns behind these are `rewards.turn_returns(rewards.turn_rewards(...))`: R_{i,k} = s_i on the search stage
+and o_i on the answer stage; `reference_advantages` computes them that way.
 
 `group_stats` is vectorized over groups (unique + index_add + scatter_reduce, no Python loop);
 `reference_advantages` is the readable per-group loop that the tests compare it with.
@@ -31,11 +37,12 @@ otherwise give -alpha / eps. A group of size 1 has no sample std (n - 1 = 0) and
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from tspo_core.agent.rewards import turn_returns, turn_rewards
 from tspo_core.errors import ConfigError
 
 AdvantageFn = Callable[..., torch.Tensor]
@@ -155,48 +162,98 @@ def grpo_folr(*, outcome, first_occurrence, group_ids, turn_index, policy_mask, 
     return _normalize(s[:, None], group_stats(s, group_ids), mask, eps)
 
 
+def _search_stage(first_occurrence: torch.Tensor, turn_index: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the token's turn k <= f_i, or f_i = -1 (a rollout that never found the answer is all search)."""
+    f = first_occurrence[:, None]  # (B, 1)
+    return (turn_index <= f) | (f < 0)
+
+
 @register_advantage("tspo")
 def tspo(*, outcome, first_occurrence, group_ids, turn_index, policy_mask, alpha, eps) -> torch.Tensor:
-    """Stage-aware: token of turn k gets (o_i + alpha [k <= f_i] - mean_g s) / (std_g s + eps)."""
+    """Stage-matched: S_i on search-stage tokens, O_i on answer-stage tokens."""
+    mask = _check(outcome, first_occurrence, group_ids, turn_index, policy_mask, eps)
+    o = outcome.detach().to(torch.float64)  # (B,)
+    s = trajectory_scores(outcome, first_occurrence, alpha)  # (B,)
+    search = _search_stage(first_occurrence, turn_index)  # (B, T)
+    return (_normalize(s[:, None], group_stats(s, group_ids), mask & search, eps)
+            + _normalize(o[:, None], group_stats(o, group_ids), mask & ~search, eps))
+
+
+@register_advantage("tspo_switch")
+def tspo_switch(*, outcome, first_occurrence, group_ids, turn_index, policy_mask, alpha, eps) -> torch.Tensor:
+    """Outcomes differ in the group: O_i everywhere; all equal: S_i on the search stage, 0 on the answer stage."""
+    mask = _check(outcome, first_occurrence, group_ids, turn_index, policy_mask, eps)
+    o = outcome.detach().to(torch.float64)  # (B,)
+    s = trajectory_scores(outcome, first_occurrence, alpha)  # (B,)
+    o_stats = group_stats(o, group_ids)
+    mixed = ~o_stats.degenerate[o_stats.index][:, None]  # (B, 1): the group's outcomes differ
+    search = _search_stage(first_occurrence, turn_index)  # (B, T)
+    return torch.where(mixed, _normalize(o[:, None], o_stats, mask, eps),
+                       _normalize(s[:, None], group_stats(s, group_ids), mask & search, eps))
+
+
+@register_advantage("tspo_shared")
+def tspo_shared(*, outcome, first_occurrence, group_ids, turn_index, policy_mask, alpha, eps) -> torch.Tensor:
+    """The first definition (ablation): a token of turn k gets (o_i + alpha [k <= f_i] - mean s) / (std s + eps)."""
     mask = _check(outcome, first_occurrence, group_ids, turn_index, policy_mask, eps)
     s = trajectory_scores(outcome, first_occurrence, alpha)  # (B,)
-    f = first_occurrence[:, None]  # (B, 1); -1 when none, so k <= f never holds for a policy token
-    search_stage = (turn_index <= f) & (f >= 0)  # (B, T)
-    returns = outcome.detach().to(torch.float64)[:, None] + alpha * search_stage.to(torch.float64)  # (B, T)
+    found_here = _search_stage(first_occurrence, turn_index) & (first_occurrence[:, None] >= 0)  # (B, T)
+    returns = outcome.detach().to(torch.float64)[:, None] + alpha * found_here.to(torch.float64)  # (B, T)
     return _normalize(returns, group_stats(s, group_ids), mask, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # readable reference (per-group loop; tests check the registered estimators against it)
 # ----------------------------------------------------------------------------------------------------------------
-def _found_bonus(f: int, alpha: float) -> float:
-    return alpha if f >= 0 else 0.0
+def _normalized(value: float, values: Sequence[float], eps: float) -> float:
+    """(value - mean) / (std + eps) over the group's `values`; 0 for a group of one or of all-equal values."""
+    if len(values) < 2 or len(set(values)) == 1:
+        return 0.0
+    return (value - statistics.fmean(values)) / (statistics.stdev(values) + eps)
 
 
-# name -> (baseline score of rollout (o, f), return of a token of turn k (o, f, k)), alpha as the last argument
-_REFERENCE: dict[str, tuple[Callable[..., float], Callable[..., float]]] = {
-    "grpo": (lambda o, f, a: o, lambda o, f, k, a: o),
-    "grpo_folr": (lambda o, f, a: o + _found_bonus(f, a), lambda o, f, k, a: o + _found_bonus(f, a)),
-    "tspo": (lambda o, f, a: o + _found_bonus(f, a), lambda o, f, k, a: o + (a if 0 <= k <= f else 0.0)),
-}
+def _token_advantage(name: str, k: int, R: list[float], f: int, o: float, os: list[float], ss: list[float],
+                     eps: float) -> float:
+    """The advantage of a token of turn k for rollout returns R (R[0] = s_i), first occurrence f, outcome o, the
+    group's outcomes `os` and scores `ss`, in words of TSPO.md."""
+    search = f < 0 or k <= f
+    s = R[0]
+    if name == "grpo":
+        return _normalized(o, os, eps)
+    if name == "grpo_folr":
+        return _normalized(s, ss, eps)
+    if name == "tspo":  # search stage against the group's s, answer stage against the group's o
+        return _normalized(R[k], ss, eps) if search else _normalized(R[k], os, eps)
+    if name == "tspo_switch":
+        if len(set(os)) > 1:
+            return _normalized(o, os, eps)
+        return _normalized(R[k], ss, eps) if search else 0.0
+    if name == "tspo_shared":
+        if len(ss) < 2 or len(set(ss)) == 1:
+            return 0.0
+        return (R[k] - statistics.fmean(ss)) / (statistics.stdev(ss) + eps)
+    raise KeyError(f"no reference for estimator {name!r}")
 
 
 def reference_advantages(name: str, *, outcome, first_occurrence, group_ids, turn_index, policy_mask, alpha,
                          eps) -> torch.Tensor:
-    """Plain-Python loop over groups, rollouts and tokens; same inputs, output and conventions as the registry."""
-    score_of, return_of = _REFERENCE[name]
+    """Plain-Python loop over groups, rollouts and tokens; same inputs, output and conventions as the registry.
+
+    Returns come from `rewards.turn_returns(rewards.turn_rewards(K, f, o, alpha))`, K = the rollout's last policy
+    turn + 1: the paper's returns, not a re-derivation of them."""
     o, f, g = outcome.tolist(), first_occurrence.tolist(), group_ids.tolist()
     turns, mask = turn_index.tolist(), policy_mask.tolist()
     B, T = turn_index.shape
+    returns = []
+    for i in range(B):
+        K = max([turns[i][t] for t in range(T) if mask[i][t]] + [f[i], 0]) + 1
+        returns.append(turn_returns(turn_rewards(K, None if f[i] < 0 else f[i], o[i], alpha)))
     adv = [[0.0] * T for _ in range(B)]
     for group in set(g):
         members = [i for i in range(B) if g[i] == group]
-        scores = [score_of(o[i], f[i], alpha) for i in members]
-        if len(members) < 2 or len(set(scores)) == 1:
-            continue  # degenerate group: advantage 0
-        mean, std = statistics.fmean(scores), statistics.stdev(scores)
+        os, ss = [o[i] for i in members], [returns[i][0] for i in members]
         for i in members:
             for t in range(T):
                 if mask[i][t]:
-                    adv[i][t] = (return_of(o[i], f[i], turns[i][t], alpha) - mean) / (std + eps)
+                    adv[i][t] = _token_advantage(name, turns[i][t], returns[i], f[i], o[i], os, ss, eps)
     return torch.tensor(adv, dtype=torch.float32)

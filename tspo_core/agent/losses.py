@@ -6,7 +6,9 @@ caller). Every loss returns `(loss, metrics)`: a scalar tensor with gradient and
 1. `ppo_clip` (registered policy-gradient loss): per token, with ratio = exp(logp - old_logp),
    l_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps_clip, 1 + eps_clip)).
 2. `kl_k3_loss`: the low-variance k3 estimator of KL(pi || pi_ref), with d = ref_logp - logp,
-   k3 = exp(d) - d - 1 >= 0 (0 iff the log-probs are equal); no clamping.
+   k3 = exp(d) - d - 1 >= 0 (0 iff the log-probs are equal), clamped per token to [-kl_clamp, kl_clamp] (default
+   10, verl's `low_var_kl`): a token 30 nats from the reference would otherwise add e^30 = 1.1e13. As in verl, d is
+   first clamped to [-20, 20] so that exp(d) stays finite: a clamped token then has a zero (not NaN) gradient.
 3. `entropy_loss`: minus the aggregated per-token entropy (adding it with a positive coefficient is a bonus).
 4. `aggregate`: the one shared aggregation, modes
    - "token-mean": sum over all policy tokens / number of policy tokens (every token weighs the same);
@@ -134,22 +136,29 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     return loss, metrics
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1, same shape as inputs.
+KL_LOG_RATIO_BOUND = 20.0
+"""|ref_logp - logp| is clamped to this before the exp (verl's low_var_kl): exp(20) = 4.9e8 is finite in fp32."""
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref), clamp(exp(d) - d - 1, -clamp, clamp) with d = ref - logp clamped
+    to +-`KL_LOG_RATIO_BOUND`; same shape as inputs.
 
     >>> kl_k3(torch.tensor([-1.0]), torch.tensor([-1.0])).item()
     0.0
+    >>> kl_k3(torch.tensor([-31.0]), torch.tensor([-1.0])).item()  # d = 30: exp(30) - 31 = 1.1e13 -> 10
+    10.0
     """
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1.0
+    d = torch.clamp(ref_logp - logp, -KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)
+    return torch.clamp(torch.exp(d) - d - 1.0, -clamp, clamp)
 
 
 def kl_k3_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *, agg: str = "token-mean",
-               denominator: float | None = None) -> LossOut:
-    """Aggregated k3 KL to the frozen reference on policy tokens. Metrics: kl."""
+               denominator: float | None = None, clamp: float = 10.0) -> LossOut:
+    """Aggregated k3 KL (clamped per token to +-`clamp`) to the frozen reference on policy tokens. Metrics: kl."""
     m = _as_mask(mask, logp)
     _as_mask(mask, ref_logp)
-    per_token = kl_k3(_masked(_upcast(logp), m), _masked(_upcast(ref_logp.detach()), m))  # (B, T), 0 off-mask
+    per_token = kl_k3(_masked(_upcast(logp), m), _masked(_upcast(ref_logp.detach()), m), clamp)  # (B, T), 0 off
     loss = aggregate(per_token, m, agg, denominator)
     return loss, {"kl": loss.item()}
 
@@ -166,8 +175,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
                 clip_ratio: float = 0.2, kl_coef: float = 0.001, entropy_coef: float = 0.0,
                 agg: str = "token-mean", loss_name: str = "ppo_clip",
-                denominator: float | None = None) -> LossOut:
-    """Total loss = pg + kl_coef * kl_k3 + entropy_coef * (-entropy), all on policy tokens (B, T).
+                denominator: float | None = None, kl_clamp: float = 10.0) -> LossOut:
+    """Total loss = pg + kl_coef * kl_k3 (clamped per token to +-kl_clamp) + entropy_coef * (-entropy), all on
+    policy tokens (B, T).
 
     `ref_logp` is required when kl_coef > 0 and `entropy` when entropy_coef > 0. When given, they are always
     reported (kl, entropy) even with a coefficient of 0, for monitoring (REFERENCE.md pitfall 9), but only enter
@@ -181,7 +191,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if entropy_coef and entropy is None:
         raise ValueError("policy_loss: entropy_coef > 0 needs entropy")
     if ref_logp is not None:
-        kl, kl_metrics = kl_k3_loss(logp, ref_logp, mask, agg=agg, denominator=denominator)
+        kl, kl_metrics = kl_k3_loss(logp, ref_logp, mask, agg=agg, denominator=denominator, clamp=kl_clamp)
         metrics.update(kl_metrics)
         if kl_coef:
             total = total + kl_coef * kl

@@ -5,7 +5,7 @@ Module-level pure functions (standard library only) implementing TSPO.md "FOLR",
 - Turns are **0-based**: turn k is the k-th generation of the rollout; `observations[k]` is the text retrieved
   after turn k's search, None when turn k did not search (an answer, an invalid action, the last turn).
 - `first_occurrence_turn` returns the smallest k whose observation contains a gold answer, matched with
-  `tspo_core.metrics.contains_answer` (SQuAD normalization, whole words). Only observation text is searched: the
+  `tspo_core.metrics.contains_answer` (Search-R1's normalization by default, whole words). Only observation text is searched: the
   caller passes retrieved text, never the model's own turns. Search-R1's formatting scaffolding
   (`<information>`, `</information>`, `Doc N(Title: `) is removed first, so a gold "1" or "information" does not
   match the labels that `format_observation` adds; pass the passages' contents to avoid the question entirely.
@@ -26,7 +26,7 @@ import re
 from collections.abc import Sequence
 
 from tspo_core.agent.protocol import parse_action
-from tspo_core.metrics import contains_answer, exact_match
+from tspo_core.metrics import DEFAULT_NORMALIZATION, contains_answer, exact_match
 
 CATEGORIES: tuple[str, ...] = ("complete_success", "near_miss", "success_without_retrieval", "complete_failure")
 """(found, correct) = (yes, yes), (yes, no), (no, yes), (no, no)."""
@@ -34,13 +34,14 @@ CATEGORIES: tuple[str, ...] = ("complete_success", "near_miss", "success_without
 _SCAFFOLD = re.compile(r"</?information>|\bDoc \d+\(Title: ")
 
 
-def outcome_reward(answer: str | None, golds: Sequence[str]) -> float:
-    """o = EM of the extracted final answer against any gold answer; no answer (None) -> 0.
+def outcome_reward(answer: str | None, golds: Sequence[str], normalization: str = DEFAULT_NORMALIZATION) -> float:
+    """o = EM of the extracted final answer against any gold answer (`metrics.exact_match` under `normalization`);
+    no answer (None) -> 0.
 
     >>> outcome_reward("the Eiffel Tower", ["Eiffel Tower"]), outcome_reward(None, ["Eiffel Tower"])
     (1.0, 0.0)
     """
-    return exact_match(answer, golds)
+    return exact_match(answer, golds, normalization)
 
 
 def format_reward(turn_texts: Sequence[str], bonus: float) -> float:
@@ -61,7 +62,8 @@ def format_reward(turn_texts: Sequence[str], bonus: float) -> float:
     return float(bonus) if ok else 0.0
 
 
-def first_occurrence_turn(observations: Sequence[str | None], golds: Sequence[str]) -> int | None:
+def first_occurrence_turn(observations: Sequence[str | None], golds: Sequence[str],
+                          normalization: str = DEFAULT_NORMALIZATION) -> int | None:
     """f = the smallest (0-based) turn k whose observation contains a gold answer on word boundaries, or None.
 
     >>> first_occurrence_turn(["Parisian cafes", "The capital is Paris."], ["Paris"])
@@ -70,7 +72,7 @@ def first_occurrence_turn(observations: Sequence[str | None], golds: Sequence[st
     True
     """
     for k, text in enumerate(observations):
-        if text is not None and contains_answer(_SCAFFOLD.sub(" ", text), golds):
+        if text is not None and contains_answer(_SCAFFOLD.sub(" ", text), golds, normalization):
             return k
     return None
 

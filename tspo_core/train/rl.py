@@ -49,7 +49,7 @@ from tspo_core.config import AdvantageConfig, OptimConfig, RewardConfig, Rollout
 from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import restore_interrupted_swap
-from tspo_core.metrics import exact_match
+from tspo_core.metrics import DEFAULT_NORMALIZATION, exact_match
 from tspo_core.train.checkpoint import STATE_FILE, CheckpointError, copy_checkpoint_files, load_trainer_state, \
     rng_state, save_checkpoint, set_rng_state
 from tspo_core.train.lora import describe, load_adapters, lora_settings
@@ -73,22 +73,25 @@ class Experience:
     advantages: torch.Tensor  # (B, T) float, 0 off the policy mask
 
 
-def score(batch: RolloutBatch, reward: RewardConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(outcome, em, first_occurrence) per rollout, from the final answer and the observation text only."""
+def score(batch: RolloutBatch, reward: RewardConfig,
+          normalization: str = DEFAULT_NORMALIZATION) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(outcome, em, first_occurrence) per rollout, from the final answer and the observation text only, answers
+    matched under `normalization` (`eval.answer_normalization`)."""
     em, outcome, first = [], [], []
     for r in batch.rollouts:
         golds = r.example.golden_answers
-        o = outcome_reward(r.answer, golds)
+        o = outcome_reward(r.answer, golds, normalization)
         em.append(o)
         outcome.append(o + (format_reward(r.turns, reward.format_bonus) if reward.format_bonus else 0.0))
-        f = first_occurrence_turn(r.observations, golds)
+        f = first_occurrence_turn(r.observations, golds, normalization)
         first.append(-1 if f is None else f)
     return (torch.tensor(outcome, dtype=torch.float32), torch.tensor(em, dtype=torch.float32),
             torch.tensor(first, dtype=torch.long))
 
 
-def make_experience(batch: RolloutBatch, reward: RewardConfig, advantage: AdvantageConfig) -> Experience:
-    outcome, em, first = score(batch, reward)
+def make_experience(batch: RolloutBatch, reward: RewardConfig, advantage: AdvantageConfig,
+                    normalization: str = DEFAULT_NORMALIZATION) -> Experience:
+    outcome, em, first = score(batch, reward, normalization)
     t = batch.tensors
     adv = get_advantage(advantage.estimator)(outcome=outcome, first_occurrence=first, group_ids=batch.group_ids,
                                              turn_index=t.turn_index, policy_mask=t.policy_mask,
@@ -182,6 +185,7 @@ class RLSettings:
     advantage: AdvantageConfig
     optim: OptimConfig
     train: TrainConfig
+    answer_normalization: str = DEFAULT_NORMALIZATION  # `eval.answer_normalization`: the reward's EM and FOLR
 
 
 class RLTrainer:
@@ -231,7 +235,7 @@ class RLTrainer:
         self.model.eval()
         batch = self.engine.run(questions, self.cfg.rollout.group_size, self.cfg.rollout.temperature,
                                 self.cfg.rollout.top_p, group_offset=offset)
-        return make_experience(batch, self.cfg.reward, self.cfg.advantage)
+        return make_experience(batch, self.cfg.reward, self.cfg.advantage, self.cfg.answer_normalization)
 
     def update(self, exp: Experience) -> dict[str, float]:
         """PPO epochs over mini-batches of the experience; returns mean loss metrics and the step flags."""
@@ -265,7 +269,7 @@ class RLTrainer:
                         logp, take(exp.batch.logprobs, rows), take(exp.advantages, rows), policy_mask,
                         ref_logp=None if ref_logp is None else take(ref_logp, rows), entropy=ent.detach(),
                         clip_ratio=o.clip_ratio, kl_coef=o.kl_coef, entropy_coef=0.0, agg=o.loss_agg,
-                        denominator=denom)
+                        denominator=denom, kl_clamp=o.kl_clamp)
                     if o.entropy_coef:
                         e_loss, _ = entropy_loss(ent, policy_mask, agg=o.loss_agg, denominator=denom)
                         loss = loss + o.entropy_coef * e_loss
@@ -321,7 +325,7 @@ class RLTrainer:
         was_training = self.model.training
         self.model.eval()
         with torch.random.fork_rng(devices=[]):
-            out = greedy_dev_em(self.engine, self.dev_sets, batch_size)
+            out = greedy_dev_em(self.engine, self.dev_sets, batch_size, self.cfg.answer_normalization)
         self.model.train(was_training)
         return out
 
@@ -359,7 +363,8 @@ class RLTrainer:
     @property
     def fingerprint(self) -> str:
         """Identifies the run's settings (and the starting weights' shapes); stored in every checkpoint."""
-        blob = json.dumps({**{k: v.model_dump(mode="json") for k, v in self.cfg.__dict__.items()},
+        blob = json.dumps({**{k: getattr(v, "model_dump", lambda **_: v)(mode="json")
+                              for k, v in self.cfg.__dict__.items()},
                            "start": self.start_id, **({"lora": self.lora} if self.lora else {})}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -475,7 +480,7 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     engine = make_engine(policy, tokenizer, retriever, params.rollout, params.retrieval, params.model,
                          checkpoint=str(sft_dir))
     adv = AdvantageConfig(**{**params.advantage.model_dump(), "estimator": estimator})
-    cfg = RLSettings(params.rollout, params.reward, adv, params.optim, params.train)
+    cfg = RLSettings(params.rollout, params.reward, adv, params.optim, params.train, params.eval.answer_normalization)
     dev_sets = dev_subsets(params) if params.train.eval_every else None
     trainer = RLTrainer(policy, ref, tokenizer, engine, questions, cfg, dist, start_id=_dir_id(sft_dir),
                         dev_sets=dev_sets)
@@ -490,14 +495,15 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
 
 
 def greedy_dev_em(engine: RolloutEngine, dev_sets: Mapping[str, Sequence[QAExample]],
-                  batch_size: int = 64) -> dict[str, float]:
+                  batch_size: int = 64, normalization: str = DEFAULT_NORMALIZATION) -> dict[str, float]:
     """Greedy EM per dataset (`dev_em_<name>`) and their unweighted mean (`dev_em`)."""
     out: dict[str, float] = {}
     for name, examples in dev_sets.items():
         hits = 0.0
         for lo in range(0, len(examples), batch_size):
             batch = engine.run(list(examples[lo:lo + batch_size]), group_size=1, temperature=0.0)
-            hits += sum(exact_match(r.answer, list(r.example.golden_answers)) for r in batch.rollouts)
+            hits += sum(exact_match(r.answer, list(r.example.golden_answers), normalization)
+                        for r in batch.rollouts)
         out[f"dev_em_{name}"] = hits / len(examples)
     return {"dev_em": sum(out.values()) / len(out), **out}
 
