@@ -14,8 +14,8 @@ from tspo_core.agent.rewards import CATEGORIES
 from tspo_core.config import FAMILIES
 from tspo_core.errors import DataError
 from tspo_core.evaluate import markdown_table
-from tspo_core.report import build_report, final_value, mean_std, moving_average, read_eval_metrics, \
-    read_histories, read_history, series, steps_to_reach
+from tspo_core.report import build_report, ci_verdict, final_value, mean_std, moving_average, \
+    paired_bootstrap_ci, paired_differences, read_eval_metrics, read_histories, read_history, series, steps_to_reach
 
 
 def _eval(run: str, base: float, datasets=FAMILIES) -> dict:
@@ -156,3 +156,55 @@ def test_mean_std_uses_the_sample_standard_deviation():
     assert s == pytest.approx(math.sqrt(((0.2) ** 2 + 0.1 ** 2 + 0.3 ** 2) / 2))  # = sqrt(0.07)
     assert mean_std([0.4]) == (0.4, 0.0)
     assert mean_std([]) is None
+
+
+def test_paired_differences_keep_only_shared_questions():
+    a = {"nq": {"q1": 1.0, "q2": 0.0, "q9": 1.0}, "popqa": {"p1": 1.0}, "musique": {}}
+    b = {"nq": {"q2": 1.0, "q1": 0.0}, "popqa": {"p2": 0.0}, "musique": {}}
+    # nq: q1 1-0 = 1, q2 0-1 = -1 (q9 only in a); popqa and musique share no question and are left out
+    assert paired_differences(a, b) == {"nq": [1.0, -1.0]}
+
+
+def test_paired_bootstrap_ci_exact_mean_is_the_difference_of_dataset_averaged_ems():
+    # seed 0: nq diffs [1, 0, 0, 0] -> 0.25, bamboogle [1, 1] -> 1.0: dataset average (0.25 + 1.0) / 2 = 0.625
+    # seed 1: nq [0, 0, 0, -1] -> -0.25, bamboogle [0, 1] -> 0.5: average 0.125
+    # mean over seeds (0.625 + 0.125) / 2 = 0.375 (a pooled mean over the 12 questions would be 3/12 = 0.25)
+    diffs = {0: {"nq": [1, 0, 0, 0], "bamboogle": [1, 1]}, 1: {"nq": [0, 0, 0, -1], "bamboogle": [0, 1]}}
+    ci = paired_bootstrap_ci(diffs, replicates=2000)
+    assert ci["mean"] == pytest.approx(0.375)
+    assert ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert (ci["seeds"], ci["questions"], ci["replicates"], ci["level"]) == (2, 6, 2000, 0.95)
+    assert paired_bootstrap_ci(diffs, replicates=2000) == ci  # the fixed RNG seed: the same interval again
+
+
+def test_paired_bootstrap_ci_identical_methods_and_a_uniformly_better_one():
+    em = {s: {"nq": [float((q * 7 + s) % 3 == 0) for q in range(50)],
+              "popqa": [float((q + s) % 4 == 0) for q in range(30)]} for s in range(3)}
+    same = {s: paired_differences({f: dict(enumerate(v)) for f, v in d.items()},
+                                  {f: dict(enumerate(v)) for f, v in d.items()}) for s, d in em.items()}
+    ci = paired_bootstrap_ci(same)
+    assert ci["mean"] == ci["lo"] == ci["hi"] == 0.0 and ci_verdict(ci) == "no difference"
+    # mixed +1/-1/0 differences that cancel: the interval straddles 0
+    noisy = {s: {"nq": [1.0, -1.0, 0.0] * 10, "popqa": [-1.0, 1.0] * 10} for s in range(3)}
+    ci = paired_bootstrap_ci(noisy)
+    assert ci["mean"] == pytest.approx(0.0) and ci["lo"] < 0 < ci["hi"] and ci_verdict(ci) == "no difference"
+    # better on every question (wrong -> right on each): every replicate is +1
+    better = {s: {"nq": [1.0] * 50, "popqa": [1.0] * 30} for s in range(3)}
+    ci = paired_bootstrap_ci(better)
+    assert ci["lo"] > 0 and ci["mean"] == 1.0 and ci_verdict(ci) == "higher"
+    worse = {s: {"nq": [-1.0, 0.0, -1.0] * 10} for s in range(2)}
+    assert ci_verdict(paired_bootstrap_ci(worse)) == "lower"
+
+
+def test_paired_bootstrap_ci_resamples_seeds_too():
+    # every question agrees within a seed (no question noise), but the seeds disagree: +1 on one, -1 on the other;
+    # only the seed resampling can produce the replicates -1 (both draws the second) and +1 (both the first)
+    ci = paired_bootstrap_ci({0: {"nq": [1.0] * 5}, 1: {"nq": [-1.0] * 5}}, replicates=4000)
+    assert ci["mean"] == 0.0 and ci["lo"] == -1.0 and ci["hi"] == 1.0
+
+
+def test_paired_bootstrap_ci_refuses_empty_inputs():
+    with pytest.raises(ValueError, match="no seeds"):
+        paired_bootstrap_ci({})
+    with pytest.raises(ValueError, match="without any paired question"):
+        paired_bootstrap_ci({0: {"nq": [1.0]}, 1: {"nq": []}})

@@ -160,6 +160,76 @@ def mean_std(values: Sequence[float]) -> tuple[float, float] | None:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def paired_differences(a: Mapping[str, Mapping[str, float]],
+                       b: Mapping[str, Mapping[str, float]]) -> dict[str, list[float]]:
+    """Per-question differences `a - b` on the questions both have, per dataset: {dataset: [a[q] - b[q], ...]}
+    (question ids sorted; datasets without a shared question left out). `a` and `b` are {dataset: {id: score}}.
+
+    >>> paired_differences({"nq": {"q1": 1.0, "q2": 0.0}}, {"nq": {"q1": 0.0, "q2": 0.0, "q3": 1.0}})
+    {'nq': [1.0, 0.0]}
+    """
+    out: dict[str, list[float]] = {}
+    for name in sorted(set(a) & set(b)):
+        shared = sorted(set(a[name]) & set(b[name]))
+        if shared:
+            out[name] = [float(a[name][q]) - float(b[name][q]) for q in shared]
+    return out
+
+
+def paired_bootstrap_ci(diffs: Mapping[Any, Mapping[str, Sequence[float]]], replicates: int = 10_000,
+                        seed: int = 0, level: float = 0.95) -> dict[str, float | int]:
+    """Paired bootstrap confidence interval of a mean difference over seeds and questions.
+
+    `diffs[seed][dataset]` holds the per-question differences (method - baseline) of one seed on one dataset
+    (`paired_differences`). The statistic is the one the tables report: per seed, the unweighted mean over datasets
+    of the mean difference over that dataset's questions (the difference of the dataset-averaged EMs), then the
+    mean over seeds. Each replicate draws the seeds with replacement, then, independently for every draw, each
+    dataset's questions with replacement; the interval is the percentile interval of the replicates (numpy's
+    generator with the fixed `seed`, so the same inputs give the same interval).
+
+    Returns {"mean": the statistic on the data, "lo", "hi", "seeds", "questions" (the fewest paired questions of
+    any seed, over all datasets), "replicates", "level"}. Raises ValueError without any seed or with a seed that
+    has no question.
+    """
+    import numpy as np
+
+    if not diffs:
+        raise ValueError("paired_bootstrap_ci: no seeds")
+    if not 0 < level < 1:
+        raise ValueError(f"paired_bootstrap_ci: level must be within (0, 1), got {level}")
+    per_seed = [[np.asarray(v, dtype=float) for _, v in sorted(d.items()) if len(v)] for _, d in
+                sorted(diffs.items(), key=lambda kv: str(kv[0]))]
+    if any(not sets for sets in per_seed):
+        raise ValueError("paired_bootstrap_ci: a seed without any paired question")
+    point = float(np.mean([np.mean([x.mean() for x in sets]) for sets in per_seed]))
+    rng = np.random.default_rng(seed)
+    k = len(per_seed)
+    draws = rng.integers(0, k, size=(replicates, k))  # the seeds of each replicate
+    stats = np.zeros(replicates)
+    for j in range(k):  # draw position j of every replicate
+        for s, sets in enumerate(per_seed):
+            rows = np.flatnonzero(draws[:, j] == s)
+            if not rows.size:
+                continue
+            seed_stat = np.zeros(rows.size)
+            for x in sets:  # the questions of this dataset, resampled for each of these replicates
+                seed_stat += x[rng.integers(0, x.size, size=(rows.size, x.size))].mean(axis=1)
+            stats[rows] += seed_stat / len(sets)
+    stats /= k
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(stats, [tail, 1 - tail])
+    return {"mean": point, "lo": float(lo), "hi": float(hi), "seeds": k,
+            "questions": min(sum(x.size for x in sets) for sets in per_seed), "replicates": replicates,
+            "level": level}
+
+
+def ci_verdict(ci: Mapping[str, float]) -> str:
+    """"no difference" when the interval contains 0, else "higher" or "lower" (the sign of the whole interval)."""
+    if ci["lo"] <= 0 <= ci["hi"]:
+        return "no difference"
+    return "higher" if ci["lo"] > 0 else "lower"
+
+
 def _color(run: str, i: int) -> str:
     return _RUN_COLORS.get(run, _OTHER_COLORS[i % len(_OTHER_COLORS)])
 
