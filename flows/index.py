@@ -10,6 +10,7 @@ from flows.common import load, main, publish, retry_unless_bad_input
 from tspo_core.config import FAMILIES
 from tspo_core.data.loaders import load_flashrag_jsonl
 from tspo_core.io import write_json
+from tspo_core.runinfo import environment
 from tspo_core.retrieval.index import build_index
 
 
@@ -38,7 +39,7 @@ def index_flow(params_path: str = "params.yaml") -> dict:
     params = load(params_path)
     probe = card.get("probe") or {}
     metrics = {"passages": card.get("num_passages"), "build_seconds": card.get("build_time_s"), **probe}
-    write_json(Path(params.paths.metrics_dir) / "index.json", metrics)
+    write_json(Path(params.paths.metrics_dir) / "index.json", {**metrics, "meta": {"environment": environment()}})
     publish("index", "Index card", [{"key": k, "value": v} for k, v in metrics.items()],
             notes=f"{card.get('kind')} index, encoder {card.get('encoder', {}).get('name', '-')}")
     return card

@@ -467,3 +467,28 @@ def test_bm25_never_fails_on_odd_queries(real_bm25, queries, k):
         assert len(hits) <= k
         scores = [h.score for h in hits]
         assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# deterministic ties (cross-machine reproducibility)
+# ----------------------------------------------------------------------------------------------------------------
+def test_near_ties_are_ordered_by_passage_row_whatever_faiss_returned():
+    from tspo_core.retrieval.retriever import TIE_TOLERANCE, rank_with_ties
+
+    # rows 8 and 2 differ by 1e-7 (another CPU's rounding): row 2 first on either machine; row 5 is clearly lower
+    machine_a = rank_with_ties([0.70000010, 0.7, 0.6], [8, 2, 5], 2)
+    machine_b = rank_with_ties([0.7, 0.70000010, 0.6], [2, 8, 5], 2)
+    assert [r for _, r in machine_a] == [r for _, r in machine_b] == [2, 8]
+    # a real difference (10x the tolerance) keeps score order; FAISS padding (-1) is dropped; k cuts
+    assert rank_with_ties([0.5, 0.5 + 10 * TIE_TOLERANCE, 0.1], [1, 9, -1], 3) == [(0.5 + 10 * TIE_TOLERANCE, 9),
+                                                                                    (0.5, 1)]
+    # the scores returned are the searched ones, not the grid values
+    assert rank_with_ties([0.123456789], [4], 1) == [(0.123456789, 4)]
+
+
+def test_environment_records_what_floating_point_depends_on():
+    from tspo_core.runinfo import environment
+
+    env = environment()
+    assert env["cpu_capability"] and env["torch_threads"] >= 1 and env["versions"]["torch"].startswith("2.13")
+    json.dumps(env)  # serializable into every metrics file's meta

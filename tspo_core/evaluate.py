@@ -36,6 +36,7 @@ from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError, DataError
 from tspo_core.io import write_json, write_jsonl, write_text
 from tspo_core.metrics import DEFAULT_NORMALIZATION, cover_exact_match, exact_match, f1_score
+from tspo_core.runinfo import environment
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +429,7 @@ def run_evaluate(params: Any, checkpoint_dir: str | Path, run_name: str,
         "average": average_metrics(per_dataset),
         "meta": {"run": run_name, "checkpoint": str(checkpoint_dir), "split": cfg.split, "splits_used": splits,
                  "skipped": skipped, "subset_size": cfg.subset_size, "seed": cfg.seed,
-                 "answer_normalization": cfg.answer_normalization,
+                 "answer_normalization": cfg.answer_normalization, "environment": environment(),
                  "seconds": round(time.monotonic() - t0, 1)},
     }
     write_json(Path(paths.metrics_dir) / f"eval_{run_name}.json", metrics)

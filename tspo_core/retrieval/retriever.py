@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,25 @@ def configure_search(index: Any, ef_search: int | None = None, nprobe: int | Non
 # ----------------------------------------------------------------------------------------------------------------
 # dense
 # ----------------------------------------------------------------------------------------------------------------
+TIE_TOLERANCE = 1e-5
+"""Dense scores this close count as tied and are ordered by passage row (the corpus order). Another CPU's kernels
+move a MiniLM cosine by ~1e-7; without this, such a difference reorders near-equal passages and, with top-1, changes
+what the agent reads. Ties at the edge of the tolerance grid can still flip; exact and near-exact ones cannot."""
+TIE_MARGIN = 4
+"""Extra candidates fetched beyond top_k so that a tie across the k-th place is resolved by row, not by FAISS."""
+
+
+def rank_with_ties(scores: Sequence[float], rows: Sequence[int], k: int) -> list[tuple[float, int]]:
+    """The k best (score, row) pairs: score descending on a `TIE_TOLERANCE` grid, then row ascending; rows < 0
+    (FAISS padding) dropped.
+
+    >>> rank_with_ties([0.9, 0.5000001, 0.5], [7, 9, 3], 2)
+    [(0.9, 7), (0.5, 3)]
+    """
+    pairs = [(float(s), int(j)) for s, j in zip(scores, rows) if j >= 0]
+    pairs.sort(key=lambda p: (-round(p[0] / TIE_TOLERANCE), p[1]))
+    return pairs[:k]
+
 class DenseRetriever(BaseRetriever):
     """Encode queries with the index's encoder, search the FAISS index (inner product), read passages back."""
 
@@ -95,13 +115,14 @@ class DenseRetriever(BaseRetriever):
         if not queries:
             return []
         k = min(top_k, self.index.ntotal)
+        fetch = min(k + TIE_MARGIN, self.index.ntotal)
         q = self.encoder.encode_queries(queries)
-        if self._ef_search is not None and k > self._ef_search:  # HNSW needs efSearch >= k
+        if self._ef_search is not None and fetch > self._ef_search:  # HNSW needs efSearch >= the candidates
             with self._lock:
-                self._ef_search = max(self._ef_search, k)
+                self._ef_search = max(self._ef_search, fetch)
                 configure_search(self.index, ef_search=self._ef_search)
-        scores, labels = self.index.search(q, k)
-        return [[Hit(self.store[int(j)], float(s)) for s, j in zip(srow, lrow) if j >= 0]
+        scores, labels = self.index.search(q, fetch)
+        return [[Hit(self.store[int(j)], float(s)) for s, j in rank_with_ties(srow, lrow, k)]
                 for srow, lrow in zip(scores, labels)]
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from tspo_core.config import SFTConfig
 from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError
 from tspo_core.metrics import contains_answer
+from tspo_core.runinfo import environment
 
 
 def oracle_turns(example: QAExample, rng: random.Random, imperfect: bool, premature: bool = False,
@@ -331,7 +332,7 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
                "steps": len(history), "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
                "final_loss": sum(h["loss"] for h in history[-20:]) / max(len(history[-20:]), 1),
                "final_token_acc": sum(h["token_acc"] for h in history[-20:]) / max(len(history[-20:]), 1),
-               **validate_protocol(engine, dev)}
+               **validate_protocol(engine, dev), "meta": {"environment": environment()}}
     _save_checkpoint(params, policy, tokenizer, summary)
     return {"summary": summary, "history": history}
 
