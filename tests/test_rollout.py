@@ -87,12 +87,49 @@ def test_final_turn_is_answer_only_and_caps():
 def test_context_cap_stops_without_dropping_the_question():
     tok = tokenizer()
     scripts = {"loop?": ["<search> Bobani </search>"] * 10}
+    prompt = len(RolloutEngine(ScriptedBackend(tok, scripts), tok, DictRetriever(PASSAGES),
+                               RolloutSettings()).prompt_ids("loop?"))
     engine = RolloutEngine(ScriptedBackend(tok, scripts), tok, DictRetriever(PASSAGES),
-                           RolloutSettings(max_turns=4, top_k=2, max_context_tokens=260))
+                           RolloutSettings(max_turns=4, top_k=2, max_context_tokens=prompt + 40))
     batch = engine.run([QAExample("q", "loop?", ["x"])], group_size=1, temperature=1.0)
     r = batch.rollouts[0]
     assert "context_full" in r.events and r.num_turns < 5
     assert "Question: loop?" in tok.decode(r.context_ids)
+
+
+def test_a_prompt_over_the_context_cap_is_refused_per_question():
+    """A question whose prompt fills `max_context_tokens` is not rolled out (no generation, nothing allocated for
+    it): its rollouts end unanswered with `prompt_too_long`, the prompt segment cut to the cap; the other
+    questions of the batch are rolled out as usual."""
+    tok = tokenizer()
+    long_q = "where was Bobani born " + "and also Kalora " * 400
+    scripts = {"where was Bobani born?": ["<answer> Kalora </answer>"], long_q.strip() + "?": ["<answer> x </answer>"]}
+    backend = ScriptedBackend(tok, scripts)
+    long_len = len(RolloutEngine(backend, tok, DictRetriever(PASSAGES), RolloutSettings()).prompt_ids(long_q))
+    cap = len(RolloutEngine(backend, tok, DictRetriever(PASSAGES), RolloutSettings()).prompt_ids("q")) + 100
+    assert long_len > cap
+    engine = RolloutEngine(backend, tok, DictRetriever(PASSAGES),
+                           RolloutSettings(max_turns=2, top_k=2, max_context_tokens=cap))
+    exs = [QAExample("q0", "where was Bobani born", ["Kalora"]), QAExample("q1", long_q, ["x"])]
+    batch = engine.run(exs, group_size=2, temperature=1.0)
+    ok, refused = batch.rollouts[:2], batch.rollouts[2:]
+    assert all(r.answer == "Kalora" and "prompt_too_long" not in r.events for r in ok)
+    for r in refused:
+        assert r.events == ["prompt_too_long"] and r.answer is None and r.num_turns == 0 and r.done
+        assert len(r.context_ids) == cap and r.num_policy_tokens == 0
+    assert batch.tensors.input_ids.shape[1] <= cap  # nothing in the batch grows with the long question
+    assert backend.turn_calls == [2]  # one generation call, for q0's two rollouts only
+
+
+def test_a_context_cap_below_the_prompt_template_is_refused_naming_the_key():
+    import pytest
+
+    from tspo_core.errors import ConfigError
+
+    tok = tokenizer()
+    with pytest.raises(ConfigError, match=r"^rollout\.max_context_tokens = 50 leaves no room.*'search_r1'") as err:
+        RolloutEngine(ScriptedBackend(tok, {}), tok, DictRetriever(PASSAGES), RolloutSettings(max_context_tokens=50))
+    assert "\n" not in str(err.value)
 
 
 def test_real_tiny_model_batched_stops_and_keeps_sampled_ids():

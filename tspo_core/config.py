@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tspo_core.errors import ConfigError
+from tspo_core.errors import ConfigError, bounded_repr, cut
 
 FAMILIES: tuple[str, ...] = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 """The seven evaluation datasets, by their FlashRAG names (synthetic families use the same names)."""
@@ -218,6 +218,15 @@ class RetrievalConfig(_Section):
                                  "client is not delayed.")
     max_batch_queries: int = Field(512, gt=0, description="Server micro-batching: most queries searched in one "
                                    "batch (a larger single request is still searched whole).")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="Server: a connection must deliver a "
+                                    "request's headers within this many seconds of opening (or of starting a "
+                                    "request), else it is closed.")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Server: a request's body must arrive within "
+                                  "this many seconds after its headers, else the connection is closed.")
+    max_connections: int = Field(1000, gt=0, le=1_000_000, description="Server: most open client connections; "
+                                 "also kept below the process's open-file limit. At the cap a new connection "
+                                 "closes the longest-idle one (no request in progress), or gets a 503 when every "
+                                 "connection is busy.")
 
     @model_validator(mode="after")
     def _top_k_within_server_limit(self) -> "RetrievalConfig":
@@ -432,14 +441,20 @@ class Params(_Section):
 # ----------------------------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------------------------
+_MAX_LISTED_ERRORS = 20
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
+    # Every rendered part is bounded (`bounded_repr`, `cut`): a huge or alias-expanded value is never rendered whole.
     lines = [f"{source}: {err.error_count()} invalid setting(s)"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+    for e in err.errors()[:_MAX_LISTED_ERRORS]:
+        key = cut(".".join(str(p) for p in e["loc"]) or "<root>")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (typo?)")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r:.80})")
+            lines.append(f"  {key}: {cut(e['msg'])} (got {bounded_repr(e.get('input'), 80)})")
+    if err.error_count() > _MAX_LISTED_ERRORS:
+        lines.append(f"  ... and {err.error_count() - _MAX_LISTED_ERRORS} more")
     return "\n".join(lines)
 
 
@@ -453,13 +468,64 @@ def params_from_dict(raw: Any, source: str = "<dict>") -> Params:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses a key repeated in one mapping (PyYAML keeps the last one silently, so a
-    second `train:` section would quietly replace the first)."""
+MAX_YAML_ALIAS_EXPANSION = 100_000
+"""Most that YAML aliases may add to a params file, counted in nodes plus scalar characters once every alias is
+expanded. An alias repeats a value written elsewhere, so a few nested ones stand for billions of values (the
+"billion laughs"); such a file is refused from its node graph, before any value is built."""
 
 
 class _DuplicateKey(yaml.MarkedYAMLError):
     pass
+
+
+class _AliasBomb(yaml.MarkedYAMLError):
+    pass
+
+
+def _alias_expansion(root: yaml.Node) -> int:
+    """How much larger the document is with every alias expanded: the size of the tree (a node counts 1, a scalar
+    also its length) minus the size of the node graph, in which an aliased node counts once. Iterative, linear in
+    the graph. A recursive alias (a value containing itself) raises `_AliasBomb`."""
+    cap = 10 * MAX_YAML_ALIAS_EXPANSION  # sizes are clipped here: past it, the exact figure does not matter
+    tree: dict[int, int] = {}
+    on_path: set[int] = set()
+    graph = 0
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.ScalarNode):
+            children: list[yaml.Node] = []
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = [n for pair in node.value for n in pair]
+        if children_done:
+            on_path.discard(id(node))
+            own = 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else 0)
+            graph += own
+            tree[id(node)] = min(own + sum(tree[id(c)] for c in children), cap)
+        elif id(node) in on_path:
+            raise _AliasBomb(None, None, "a recursive YAML alias (a value that contains itself)", node.start_mark)
+        elif id(node) not in tree:
+            on_path.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+    return tree[id(root)] - graph
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key repeated in one mapping (PyYAML keeps the last one silently, so a
+    second `train:` section would quietly replace the first) and aliases that expand past
+    `MAX_YAML_ALIAS_EXPANSION` (checked on the composed node graph, before anything is constructed)."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        if _alias_expansion(node) > MAX_YAML_ALIAS_EXPANSION:
+            raise _AliasBomb(None, None, f"YAML aliases expand the file by more than {MAX_YAML_ALIAS_EXPANSION:,} "
+                             "nodes and characters (an alias bomb?); write the values out instead", None)
+        return self.construct_document(node)
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -471,7 +537,8 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
         except TypeError:  # an unhashable key: let the constructor report it
             continue
         if first is not None:
-            raise _DuplicateKey(None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark)
+            raise _DuplicateKey(None, None, f"duplicate key {bounded_repr(key)} (first on line {first})",
+                                key_node.start_mark)
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
 
@@ -487,11 +554,13 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(f"{path}: params file not found")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except _DuplicateKey as err:
-        line = err.problem_mark.line + 1 if err.problem_mark is not None else "?"
-        raise ConfigError(f"{path}:{line}: {err.problem}") from None
+    except (_DuplicateKey, _AliasBomb) as err:
+        where = f"{path}:{err.problem_mark.line + 1}" if err.problem_mark is not None else str(path)
+        raise ConfigError(f"{where}: {err.problem}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {cut(str(err), 500)}") from None
+    except (ValueError, RecursionError) as err:  # an integer of more than 4,300 digits, nesting too deep
+        raise ConfigError(f"{path}: cannot read: {cut(str(err))}") from None
     if overrides and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():

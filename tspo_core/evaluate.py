@@ -84,6 +84,8 @@ def score_rollout(rollout: Any, normalization: str = DEFAULT_NORMALIZATION) -> d
         "answer_in_evidence": first is not None,
         "category": category(first, em),
         "events": list(rollout.events),
+        # the prompt alone filled rollout.max_context_tokens: not rolled out, unanswered (scored 0)
+        "prompt_refused": "prompt_too_long" in rollout.events,
     }
 
 

@@ -12,6 +12,10 @@ For a batch of questions, each repeated G times (group ids are made per question
 5. After `max_turns` search rounds comes one last turn in which only an answer counts.
 6. A rollout whose context reaches `max_context_tokens` stops there (no left truncation: the question is never
    dropped); every cap that bites is counted in the batch stats and logged.
+7. A question whose prompt alone fills `max_context_tokens` is refused, per question: its rollouts end before the
+   first turn, unanswered, with the event `prompt_too_long` (their prompt segment is cut to the cap, so no tensor
+   grows with the question). A cap that not even the prompt template with an empty question fits under is a
+   `ConfigError` naming `rollout.max_context_tokens`, raised when the engine is made.
 
 The result carries explicit per-token masks (`masks.build_masks`), the per-token turn index, the rollout
 log-probs aligned to the tokens, per-turn observations as text (for FOLR), final answers, and per-rollout logs.
@@ -30,6 +34,7 @@ from tspo_core.agent.masks import Segment, TokenTensors, build_masks
 from tspo_core.agent.protocol import INVALID_ACTION_MESSAGE, STOP_STRINGS, Action, build_prompt, \
     format_observation, parse_action
 from tspo_core.data.schema import QAExample
+from tspo_core.errors import ConfigError
 from tspo_core.retrieval.base import Retriever
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,8 @@ class Rollout:
     queries: list[str] = field(default_factory=list)
     retrieved_ids: list[list[str]] = field(default_factory=list)
     answer: str | None = None
-    events: list[str] = field(default_factory=list)  # "obs_truncated", "context_full", "turn_cap", ...
+    events: list[str] = field(default_factory=list)  # "obs_truncated", "context_full", "turn_cap",
+    # "prompt_too_long" (refused before the first turn)
     done: bool = False
     length: int = 0
 
@@ -118,6 +124,11 @@ class RolloutEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._invalid_ids = self._encode(INVALID_ACTION_MESSAGE)
         self._obs_tail = self._encode("</information>\n\n")
+        shortest = len(self.prompt_ids("?"))  # the template around an empty question
+        if shortest >= settings.max_context_tokens:
+            raise ConfigError(f"rollout.max_context_tokens = {settings.max_context_tokens} leaves no room to answer: "
+                              f"the {settings.prompt_template!r} prompt with an empty question already takes "
+                              f"{shortest} tokens; raise it well above that")
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -150,9 +161,18 @@ class RolloutEngine:
         rollouts: list[Rollout] = []
         for i, ex in enumerate(examples):
             prompt = self.prompt_ids(ex.question)
+            too_long = len(prompt) >= s.max_context_tokens
+            if too_long:
+                log.warning("question %s refused: its prompt takes %d tokens, rollout.max_context_tokens is %d",
+                            ex.id, len(prompt), s.max_context_tokens)
             for _ in range(group_size):
                 r = Rollout(example=ex, group_id=group_offset + i)
-                self._append(r, prompt, "prompt", 0)
+                if too_long:
+                    self._append(r, prompt[:s.max_context_tokens], "prompt", 0)
+                    r.done = True
+                    r.events.append("prompt_too_long")
+                else:
+                    self._append(r, prompt, "prompt", 0)
                 rollouts.append(r)
 
         for turn in range(s.max_turns + 1):

@@ -4,6 +4,11 @@ Every reader validates as it goes and raises `DataError` naming the file and the
 parquet) at fault. Readers never write anything. Blank lines in jsonl files are skipped; a leading UTF-8 BOM is
 tolerated.
 
+Input is bounded: a jsonl line holds at most `MAX_LINE_BYTES`, a question at most `MAX_QUESTION_CHARS` characters,
+a gold answer `MAX_ANSWER_CHARS`, a passage's contents `MAX_PASSAGE_CHARS`, an id `MAX_ID_CHARS` (generous: the
+longest of the FlashRAG sets and wiki-18 are far below). Text must be valid Unicode: a lone surrogate (`"\\ud800"`
+in the JSON), which no UTF-8 file can hold and every later write would fail on, is refused naming the field.
+
 - `load_flashrag_jsonl(path)`: `{"id": str, "question": str, "golden_answers": [str, ...], "metadata": {...}}`
   per line -> `list[QAExample]`.
 - `load_searchr1_parquet(path)`: Search-R1 training/test parquet -> `list[QAExample]`, with ids
@@ -20,12 +25,24 @@ from pathlib import Path
 from typing import Any
 
 from tspo_core.data.schema import Passage, QAExample
-from tspo_core.errors import DataError
+from tspo_core.errors import DataError, bounded_repr
 
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
 
 _PARQUET_BATCH_ROWS = 4096
+
+MAX_QUESTION_CHARS = 8_192
+"""Longest question accepted from a data file (a prompt longer than `rollout.max_context_tokens` is refused per
+question by the rollout engine)."""
+MAX_ANSWER_CHARS = 1_024
+"""Longest gold answer."""
+MAX_PASSAGE_CHARS = 100_000
+"""Longest passage `contents` (title and text)."""
+MAX_ID_CHARS = 1_024
+"""Longest question or passage id."""
+MAX_LINE_BYTES = 16 * 1024 * 1024
+"""Longest line of a JSON-lines file (a passage at its longest, fully escaped, fits many times)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,15 +72,59 @@ def _check_file(path: Path) -> None:
         raise DataError("not a regular file", str(path))
 
 
+def _surrogate_in(text: str) -> int | None:
+    """The index of the first lone surrogate in `text` (not encodable as UTF-8), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def _find_surrogate(value: Any, where: str = "") -> str | None:
+    """The JSON path (`metadata.context[2]`) of the first string (or key) of a parsed value holding a lone
+    surrogate; None when there is none."""
+    if isinstance(value, str):
+        return (where or "<value>") if _surrogate_in(value) is not None else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = f"{where}.{k}" if where else str(k)
+            found = key if _surrogate_in(str(k)) is not None else _find_surrogate(v, key)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _find_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _text(value: str, key: str, path: Path | str, line: int, limit: int, what: str = "characters") -> str:
+    """`value` (a string field) checked for length (`limit`) and for lone surrogates; `DataError` names the key."""
+    if len(value) > limit:
+        raise DataError(f"{key!s} has {len(value):,} {what}; the limit is {limit:,}", str(path), line)
+    at = _surrogate_in(value)
+    if at is not None:
+        raise DataError(f"{key!s} holds a lone surrogate {value[at]!r} at character {at + 1} (not valid Unicode "
+                        "text; fix the file's escapes)", str(path), line)
+    return value
+
+
 def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line of a JSON-lines file (1-based line numbers).
 
-    Raises `DataError` for bytes that are not UTF-8, invalid JSON, or a line that is not a JSON object.
+    Raises `DataError` for bytes that are not UTF-8, a line over `MAX_LINE_BYTES`, invalid JSON, a line that is
+    not a JSON object, or a string in it holding a lone surrogate.
     """
     path = Path(path)
     _check_file(path)
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        lineno = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"line longer than {MAX_LINE_BYTES:,} bytes", str(path), lineno)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -84,6 +145,14 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 hint = " (expected JSON lines, one object per line)" if isinstance(obj, list) else ""
                 raise DataError(f"expected a JSON object, got {_json_type(obj)}{hint}", str(path), lineno)
+            if "\\u" in text:  # only a JSON escape can make a lone surrogate
+                try:
+                    bad = _find_surrogate(obj)
+                except RecursionError:
+                    raise DataError("JSON nested too deeply", str(path), lineno) from None
+                if bad is not None:
+                    raise DataError(f"{bounded_repr(bad)} holds a lone surrogate (not valid Unicode text; fix the "
+                                    "file's escapes)", str(path), lineno)
             yield lineno, obj
 
 
@@ -95,10 +164,11 @@ def _field(obj: dict[str, Any], key: str, path: Path, line: int, what: str = "fi
 
 def _id(value: Any, key: str, path: Path, line: int) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{key!r} must be a string, got {_json_type(value)} ({value!r:.60})", str(path), line)
+        raise DataError(f"{key!r} must be a string, got {_json_type(value)} ({bounded_repr(value, 60)})",
+                        str(path), line)
     if not value.strip():
         raise DataError(f"empty {key!r}", str(path), line)
-    return value
+    return _text(value, repr(key), path, line, MAX_ID_CHARS)
 
 
 def _question(value: Any, key: str, path: Path, line: int) -> str:
@@ -106,7 +176,7 @@ def _question(value: Any, key: str, path: Path, line: int) -> str:
         raise DataError(f"{key!r} must be a string, got {_json_type(value)}", str(path), line)
     if not value.strip():
         raise DataError("empty question", str(path), line)
-    return value
+    return _text(value, repr(key), path, line, MAX_QUESTION_CHARS)
 
 
 def _answers(value: Any, key: str, path: Path, line: int) -> list[str]:
@@ -115,15 +185,17 @@ def _answers(value: Any, key: str, path: Path, line: int) -> list[str]:
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list):
-        raise DataError(f"{key!r} must be a list of strings, got {_json_type(value)} ({value!r:.60})",
+        raise DataError(f"{key!r} must be a list of strings, got {_json_type(value)} ({bounded_repr(value, 60)})",
                         str(path), line)
     if not value:
         raise DataError(f"empty answer list {key!r}", str(path), line)
     for i, ans in enumerate(value):
         if not isinstance(ans, str):
-            raise DataError(f"{key}[{i}] must be a string, got {_json_type(ans)} ({ans!r:.60})", str(path), line)
+            raise DataError(f"{key}[{i}] must be a string, got {_json_type(ans)} ({bounded_repr(ans, 60)})",
+                            str(path), line)
         if not ans.strip():
             raise DataError(f"{key}[{i}] is blank (answers must be non-empty)", str(path), line)
+        _text(ans, f"{key}[{i}]", path, line, MAX_ANSWER_CHARS)
     return list(value)
 
 
@@ -242,7 +314,7 @@ def iter_searchr1_parquet(path: str | Path) -> Iterator[QAExample]:
 def _searchr1_row(rec: dict[str, Any], path: Path, row: int, seen: dict[str, int]) -> QAExample:
     source = rec.get("data_source")
     if not isinstance(source, str) or not source.strip():
-        raise _row_error(f"'data_source' must be a non-empty string, got {source!r:.60}", path, row)
+        raise _row_error(f"'data_source' must be a non-empty string, got {bounded_repr(source, 60)}", path, row)
     extra = rec.get("extra_info")
     if not isinstance(extra, dict):
         raise _row_error(f"'extra_info' must be an object with 'split' and 'index', got {_json_type(extra)}",
@@ -252,9 +324,11 @@ def _searchr1_row(rec: dict[str, Any], path: Path, row: int, seen: dict[str, int
             raise _row_error(f"missing field 'extra_info.{key}'", path, row)
     split, index = extra["split"], extra["index"]
     if not isinstance(split, str) or not split.strip():
-        raise _row_error(f"'extra_info.split' must be a non-empty string, got {split!r:.60}", path, row)
+        raise _row_error(f"'extra_info.split' must be a non-empty string, got {bounded_repr(split, 60)}", path,
+                         row)
     if isinstance(index, bool) or not isinstance(index, (int, str)) or (isinstance(index, str) and not index):
-        raise _row_error(f"'extra_info.index' must be an integer or a string, got {index!r:.60}", path, row)
+        raise _row_error(f"'extra_info.index' must be an integer or a string, got {bounded_repr(index, 60)}",
+                         path, row)
 
     if rec.get("question") is not None:
         q = rec["question"]
@@ -276,7 +350,11 @@ def _searchr1_row(rec: dict[str, Any], path: Path, row: int, seen: dict[str, int
             raise _row_error("missing field 'reward_model.ground_truth.target' (and no 'golden_answers')", path, row)
         answers = _answers_row(target, "reward_model.ground_truth.target", path, row)
 
-    qid = f"{source}-{split}-{index}"
+    try:
+        question = _text(question, "'question'", path, row, MAX_QUESTION_CHARS)
+        qid = _text(f"{source}-{split}-{index}", "id", path, row, MAX_ID_CHARS)
+    except DataError as err:
+        raise _row_error(err.reason, path, row) from None
     if qid in seen:
         raise _row_error(f"duplicate id {qid!r} (first on row {seen[qid]})", path, row)
     seen[qid] = row
@@ -333,7 +411,7 @@ def passage_from_record(obj: Any, path: str | Path, line: int) -> Passage:
         raise DataError(f"'contents' must be a string, got {_json_type(contents)}", str(path), line)
     if not contents.strip():
         raise DataError("empty 'contents'", str(path), line)
-    return Passage(id=pid, contents=contents)
+    return Passage(id=pid, contents=_text(contents, "'contents'", path, line, MAX_PASSAGE_CHARS))
 
 
 def iter_corpus(path: str | Path, check_unique: bool = True) -> Iterator[Passage]:
