@@ -13,6 +13,16 @@ searched form the next batch. After answering a batch of n requests the worker w
 once), so concurrent clients converge to one shared batch instead of alternating half-size ones. A lone
 sequential client is never delayed by this: the request the worker waits for is its own next one.
 
+Connections (`serve`, `server_config`; the CLI uses them): a connection must deliver a request's headers within
+`retrieval.header_timeout_s` of opening (or of starting its next request) and the body within
+`retrieval.body_timeout_s` of the headers, else it is closed. At most `retrieval.max_connections` are open, fewer
+when the process's open-file limit (RLIMIT_NOFILE, raised towards its hard limit by the CLI) leaves less room after
+the process's own files and one accept burst, so accepting never fails with "Too many open files". At the cap a new
+connection closes the longest-idle one (waiting for a request: headers not complete, or keep-alive), so idle or
+stalled clients can never lock out `/health`; when every connection is busy with a request it gets a 503. Each kind
+of event (timeouts, closed or refused connections, clients gone mid-body) logs at most one line per 10 s, with a
+count of those not logged; the totals are in `/stats` under `connections`.
+
 There is no authentication and no TLS. The CLI binds 127.0.0.1 by default.
 """
 
@@ -25,6 +35,8 @@ import json
 import logging
 import os
 import sys
+import time
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +46,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+from starlette.requests import ClientDisconnect
 
 from tspo_core.config import RetrievalConfig
+from tspo_core.errors import TSPOError, cut
 from tspo_core.retrieval.base import Hit, RetrievalError, Retriever
 from tspo_core.retrieval.retriever import passages_to_json
 
@@ -61,17 +75,47 @@ class ServerLimits:
     default_top_k: int = 3
     batch_wait_ms: float = 2.0
     max_batch_queries: int = 512
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1000
 
     @classmethod
     def from_config(cls, cfg: RetrievalConfig) -> "ServerLimits":
         return cls(max_queries=cfg.max_queries, max_query_chars=cfg.max_query_chars, max_top_k=cfg.max_top_k,
                    default_top_k=min(cfg.top_k, cfg.max_top_k), batch_wait_ms=cfg.batch_wait_ms,
-                   max_batch_queries=cfg.max_batch_queries)
+                   max_batch_queries=cfg.max_batch_queries, header_timeout_s=cfg.header_timeout_s,
+                   body_timeout_s=cfg.body_timeout_s, max_connections=cfg.max_connections)
 
     @property
     def max_body_bytes(self) -> int:
         # every query at its longest, 6 bytes per escaped character, plus JSON punctuation
         return self.max_queries * (self.max_query_chars * 6 + 8) + 64 * 1024
+
+
+class _Throttled:
+    """Logs one line per `interval_s` for one kind of event; the events in between are counted into the next line."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s, self._last, self._skipped = interval_s, float("-inf"), 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg += f" ({self._skipped} more like it not logged since the last such line)"
+        self._last, self._skipped = now, 0
+        log.warning(msg, *args)
+
+
+class ServerEvents:
+    """Connection-level counters (served under `/stats` -> `connections`) and their throttled log lines."""
+
+    def __init__(self) -> None:
+        self.counts = {"header_timeouts": 0, "body_timeouts": 0, "closed_idle_at_cap": 0, "refused_at_cap": 0,
+                       "client_gone_mid_body": 0, "open": 0, "cap": None}
+        self.timeouts, self.at_cap, self.gone = _Throttled(), _Throttled(), _Throttled()
 
 
 class RetrieveRequest(BaseModel):
@@ -205,7 +249,8 @@ def create_app(retriever: Retriever, card: dict[str, Any] | None = None,
 
     app = FastAPI(title="TSPO retrieval server (Search-R1 API)", lifespan=lifespan,
                   description="No authentication: keep it on loopback or a private network.")
-    app.state.batcher, app.state.limits, app.state.retriever = batcher, limits, retriever
+    events = ServerEvents()
+    app.state.batcher, app.state.limits, app.state.retriever, app.state.events = batcher, limits, retriever, events
     max_body = limits.max_body_bytes
 
     def reply(obj: Any, status: int = 200) -> Response:
@@ -225,11 +270,19 @@ def create_app(retriever: Retriever, card: dict[str, Any] | None = None,
             return reply({"detail": f"request body over {max_body} bytes" if length.isdigit()
                           else "invalid Content-Length"}, 413 if length.isdigit() else 400)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                return reply({"detail": f"request body over {max_body} bytes"}, 413)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    return reply({"detail": f"request body over {max_body} bytes"}, 413)
+                chunks.append(chunk)
+        except ClientDisconnect:  # one line, not a traceback: nothing is left to answer
+            events.counts["client_gone_mid_body"] += 1
+            client = request.client
+            events.gone.warning("request body from %s ended after %d of %s bytes: %s",
+                                f"{client.host}:{client.port}" if client else "?", size, length or "?",
+                                request.scope.get(_CLOSED_BECAUSE, "the client closed the connection"))
+            return Response(status_code=400)
         try:
             req = RetrieveRequest.model_validate_json(b"".join(chunks))
         except ValidationError as err:
@@ -262,9 +315,204 @@ def create_app(retriever: Retriever, card: dict[str, Any] | None = None,
 
     @app.get("/stats")
     async def stats() -> Response:
-        return reply(dict(batcher.stats))
+        return reply({**batcher.stats, "connections": dict(events.counts)})
 
     return app
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# connections: read timeouts, a cap below the open-file limit
+# ----------------------------------------------------------------------------------------------------------------
+ACCEPT_BACKLOG = 128
+"""Listen backlog, which is also the most connections asyncio accepts in one go before any of them is seen."""
+FD_RESERVE = 64
+"""Open files kept free for the process itself (index and corpus files, logs, threads) beside the connections."""
+_CLOSED_BECAUSE = "tspo.closed_because"  # scope key: why the server closed a connection mid-request
+
+
+def open_file_limit() -> int | None:
+    """The soft RLIMIT_NOFILE (None: unlimited or unknown)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_open_file_limit(wanted: int) -> int | None:
+    """Raise the soft RLIMIT_NOFILE to `wanted` where the hard limit allows (never lowers it); returns the new soft
+    limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError) as err:  # pragma: no cover - the limit stays as it was
+        log.debug("could not raise the open-file limit: %s", err)
+    return open_file_limit()
+
+
+def _files_open() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - no procfs
+        return FD_RESERVE
+
+
+def connection_cap(max_connections: int) -> int:
+    """`max_connections`, lowered so that the open connections, one accept burst (`ACCEPT_BACKLOG`), the files
+    open now and `FD_RESERVE` stay under the soft open-file limit. Raises `RetrievalError` when no room is left."""
+    soft = open_file_limit()
+    if soft is None:
+        return max_connections
+    room = soft - _files_open() - ACCEPT_BACKLOG - FD_RESERVE
+    if room < 1:
+        raise RetrievalError(f"the open-file limit ({soft}, ulimit -n) leaves no room for client connections; "
+                             f"raise it above {soft - room + 64}")
+    if room < max_connections:
+        log.warning("retrieval.max_connections = %d lowered to %d by the open-file limit (%d, ulimit -n)",
+                    max_connections, room, soft)
+    return min(max_connections, room)
+
+
+_BUSY = json.dumps({"detail": "every connection of the server is busy; retry later"}).encode()
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: "
+                  + str(len(_BUSY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BUSY)
+
+
+class ConnectionGuard:
+    """The connections of one server: their read deadlines, the cap, the choice of whom to close at the cap."""
+
+    def __init__(self, limits: ServerLimits, cap: int, events: ServerEvents):
+        self.limits, self.cap, self.events = limits, cap, events
+        self.open: dict[Any, None] = {}
+        events.counts["cap"] = cap
+
+    def opened(self, conn: Any) -> bool:
+        """Admit `conn`; at the cap close the longest-idle other connection, or refuse `conn` (False) with a 503
+        when none is idle."""
+        self.open[conn] = None
+        self.events.counts["open"] = len(self.open)
+        if len(self.open) <= self.cap:
+            return True
+        idle = [c for c in self.open if c is not conn and c.idle_since is not None]
+        if idle:
+            victim = min(idle, key=lambda c: c.idle_since)
+            self.open.pop(victim, None)
+            self.events.counts["open"] = len(self.open)
+            self.events.counts["closed_idle_at_cap"] += 1
+            self.events.at_cap.warning("%d connections open (the cap): closed the longest-idle one", self.cap)
+            victim.close_connection()
+            return True
+        self.open.pop(conn, None)
+        self.events.counts["open"] = len(self.open)
+        self.events.counts["refused_at_cap"] += 1
+        self.events.at_cap.warning("%d connections open (the cap), all busy: refused a new one with 503", self.cap)
+        conn.transport.write(_BUSY_RESPONSE)
+        conn.transport.close()
+        return False
+
+    def closed(self, conn: Any) -> None:
+        self.open.pop(conn, None)
+        self.events.counts["open"] = len(self.open)
+
+    def protocol_class(self) -> type:
+        """uvicorn's h11 protocol with this guard's deadlines and cap."""
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        guard = self
+
+        class GuardedH11Protocol(H11Protocol):
+            # phase: "headers" (waiting for a request's headers; deadline header_timeout_s), "body" (headers in,
+            # body not complete; deadline body_timeout_s), "keepalive" (idle after a response; uvicorn's own
+            # keep-alive timeout applies) or "busy" (the request is complete: the server's turn, no deadline)
+            phase: str = "busy"
+            idle_since: float | None = None  # set while waiting for the client (headers or keep-alive)
+            _deadline: asyncio.TimerHandle | None = None
+
+            def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+                super().connection_made(transport)
+                self._enter("headers")
+                if not guard.opened(self):
+                    self._enter("busy")
+
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)
+                self._follow()
+
+            def on_response_complete(self) -> None:
+                super().on_response_complete()
+                self._follow()
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                self._enter("busy")
+                guard.closed(self)
+                super().connection_lost(exc)
+
+            def close_connection(self) -> None:
+                self._enter("busy")
+                if not self.transport.is_closing():
+                    self.transport.close()
+
+            def _follow(self) -> None:
+                if self.transport.is_closing():
+                    self._enter("busy")
+                    return
+                state = self.conn.their_state
+                if state is h11.IDLE:
+                    buffered = bool(self.conn.trailing_data[0])
+                    self._enter("keepalive" if self.timeout_keep_alive_task is not None and not buffered
+                                else "headers")
+                elif state is h11.SEND_BODY:
+                    self._enter("body")
+                else:
+                    self._enter("busy")
+
+            def _enter(self, phase: str) -> None:
+                if phase == self.phase and phase != "busy":
+                    return  # a deadline runs from the start of its phase, not from the last byte
+                if self._deadline is not None:
+                    self._deadline.cancel()
+                    self._deadline = None
+                self.phase = phase
+                self.idle_since = time.monotonic() if phase in ("headers", "keepalive") else None
+                timeout = {"headers": guard.limits.header_timeout_s, "body": guard.limits.body_timeout_s}.get(phase)
+                if timeout is not None:
+                    self._deadline = self.loop.call_later(timeout, self._expired)
+
+            def _expired(self) -> None:
+                self._deadline = None
+                if self.transport.is_closing():
+                    return
+                who = "%s:%d" % self.client if self.client else "?"
+                if self.phase == "headers":
+                    guard.events.counts["header_timeouts"] += 1
+                    guard.events.timeouts.warning("closed the connection of %s: no complete request headers "
+                                                  "within %gs", who, guard.limits.header_timeout_s)
+                elif self.phase == "body":  # the request handler logs the line when it sees the body end
+                    guard.events.counts["body_timeouts"] += 1
+                    if self.scope is not None:
+                        self.scope[_CLOSED_BECAUSE] = (f"closed by the server: body not complete within "
+                                                       f"{guard.limits.body_timeout_s:g}s")
+                self.close_connection()
+
+        return GuardedH11Protocol
+
+
+def server_config(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  access_log: bool = False) -> Any:
+    """The `uvicorn.Config` serving `app` (from `create_app`) with its limits' read deadlines and connection cap
+    (see the module docstring)."""
+    import uvicorn
+
+    limits: ServerLimits = app.state.limits
+    guard = ConnectionGuard(limits, connection_cap(limits.max_connections), app.state.events)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                          http=guard.protocol_class(), backlog=ACCEPT_BACKLOG)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,6 +527,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {cut(text, 40)!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 to 65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = RetrievalConfig()
     p = argparse.ArgumentParser(
@@ -289,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "by default; bind another address only on a trusted private network.")
     p.add_argument("--index", required=True, help="Index directory written by build_index (holds index_card.json).")
     p.add_argument("--host", default=None, help=f"Bind address (default {defaults.host}, loopback only).")
-    p.add_argument("--port", type=int, default=None, help=f"Port (default {defaults.port}).")
+    p.add_argument("--port", type=_port, default=None, help=f"Port (default {defaults.port}).")
     p.add_argument("--params", default=None, help="params.yaml to read the `retrieval:` limits and batching "
                    "settings from (default: built-in defaults).")
     p.add_argument("--device", default=None, help="Query encoder device: auto, cpu, cuda (dense indexes).")
@@ -300,12 +558,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: exit 2 with one `error:` line for bad input (params, index, options), 1 with one line for anything
+    else (the traceback with `--log-level debug`), 0 after a clean shutdown."""
     # Idle OpenMP threads sleep instead of spinning. On a CPU shared with other busy processes, spinning torch
     # threads wait on descheduled siblings: measured on the 2-core test machine under load, one query took
     # ~300 ms with the default policy and ~10 ms with PASSIVE. Only effective before torch is first imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _serve(args)
+    except TSPOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback (unless debugging)
+        if args.log_level == "debug":
+            traceback.print_exc()
+        print(f"error: internal error: {type(err).__name__}: {cut(str(err))} (--log-level debug shows the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
     if args.params:
         from tspo_core.config import load_params
 
@@ -316,21 +590,19 @@ def main(argv: list[str] | None = None) -> int:
     port = cfg.port if args.port is None else args.port
     if not _is_loopback(host):
         log.warning("binding %s: this server has no authentication; make sure the network is trusted", host)
+    raise_open_file_limit(cfg.max_connections + _files_open() + ACCEPT_BACKLOG + FD_RESERVE + 256)
 
     import uvicorn
 
     from tspo_core.retrieval.retriever import load_retriever
 
+    retriever = load_retriever(args.index, device=args.device)
     try:
-        retriever = load_retriever(args.index, device=args.device)
-    except RetrievalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    app = create_app(retriever, getattr(retriever, "card", None), cfg)
-    log.info("serving %s (%s, %s passages) on http://%s:%d", args.index, retriever.card.get("index_type"),
-             retriever.card.get("num_passages"), host, port)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.access_log)
+        app = create_app(retriever, getattr(retriever, "card", None), cfg)
+        config = server_config(app, host, port, args.log_level, args.access_log)
+        log.info("serving %s (%s, %s passages) on http://%s:%d", args.index, retriever.card.get("index_type"),
+                 retriever.card.get("num_passages"), host, port)
+        uvicorn.Server(config).run()
     finally:
         retriever.close()
     return 0
