@@ -1,10 +1,12 @@
 """The whole pipeline on the tiny config (configs/tiny.yaml), stage drivers called in order into tmp_path:
-data -> index (BM25) -> sft -> train@grpo, train@tspo -> evaluate@{sft,grpo,tspo} -> report."""
+data -> index (BM25) -> sft -> train@grpo, train@tspo -> evaluate@{sft,grpo,tspo} -> report; then the TSPO-vs-GRPO
+benchmark (benchmarks/tspo_vs_grpo.py) on that data and index: its units, resumption and refusal."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from conftest import REPO
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path):
+def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     paths = {f"paths.{k}": str(tmp_path / v) for k, v in {
         "data_dir": "data", "index_dir": "index", "sft_dir": "sft", "rl_dir": "rl", "metrics_dir": "metrics",
         "eval_dir": "eval", "report_dir": "reports"}.items()}
@@ -67,33 +69,70 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert "TSPO" in text and "GRPO" in text and "SFT" in text
     assert (tmp_path / "reports" / "training_curves.png").stat().st_size > 1000
 
-    # the TSPO-vs-GRPO benchmark on the same SFT checkpoint: 2 seeds x 2 methods + one extra alpha, 2 steps each
+    # the powered TSPO-vs-GRPO benchmark on the tiny data and index: one full-pipeline seed (SFT, then grpo and
+    # tspo from it) and one control seed (habit-free SFT, then grpo and tspo), 2 RL steps each
     (tmp_path / "params.yaml").write_text(dump_params(params), encoding="utf-8")
     bench = _load_benchmark()
     out = tmp_path / "bench"
-    argv = ["--params", str(tmp_path / "params.yaml"), "--estimators", "grpo", "tspo", "--seeds", "0", "1",
-            "--alphas", str(params.reward.folr_alpha), "1.0", "--steps", "2", "--eval-every", "1", "--out", str(out)]
+    argv = ["--params", str(tmp_path / "params.yaml"), "--seeds", "0", "--estimators", "grpo", "tspo",
+            "--control-seeds", "0", "--steps", "2", "--eval-every", "1", "--out", str(out)]
     assert bench.main(argv) == 0
+    units = ["sft_s0", "grpo_s0", "tspo_s0", "control_sft_s0", "control_grpo_s0", "control_tspo_s0"]
+    res = {u: json.loads((out / "runs" / u / "result.json").read_text()) for u in units}
+    test_ids = {name: {ex.id for ex in load_split(tmp_path / "data", name, "test")} for name in params.eval.datasets}
+    for u, r in res.items():
+        # every test question (eval.subset_size is 3 in tiny.yaml: the benchmark evaluates all 4), EM per question
+        assert {k: set(v) for k, v in r["per_question_em"].items()} == test_ids, u
+        for name, ems in r["per_question_em"].items():
+            assert r["test"]["per_family"][name] == pytest.approx(sum(ems.values()) / len(ems))
+        assert r["key"] and r["seed"] == 0
+    for u in ("grpo_s0", "tspo_s0", "control_grpo_s0", "control_tspo_s0"):
+        h = res[u]["history"]
+        assert h["step"] == [1, 2] and [x for x, _ in h["dev_em"]] == [1, 2]
+        assert len(h["zero_var_share_o"]) == len(h["zero_var_share_s"]) == len(h["complete_failure"]) == 2
+        sft_unit = "control_sft_s0" if u.startswith("control_") else "sft_s0"
+        assert res[u]["sft_checkpoint_sha256"] == res[sft_unit]["checkpoint_sha256"]  # started from its own SFT
+    assert res["sft_s0"]["oracle"]["verbose"] > 0 and res["control_sft_s0"]["oracle"]["verbose"] == 0
+    assert res["sft_s0"]["checkpoint_sha256"] != res["control_sft_s0"]["checkpoint_sha256"]
+    assert not any((out / "scratch").iterdir())  # heavy files go once every unit is done
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results["runs"]) == ["grpo_s0", "grpo_s1", "tspo_a1_s0", "tspo_s0", "tspo_s1"]
-    for run in results["runs"].values():
-        assert run["steps"] == 2 and [x for x, _ in run["dev_curve"]] == [1, 2] and 0 <= run["test_em"] <= 1
-    assert results["runs"]["grpo_s0"]["test_em"] == json.loads(
-        (out / "runs" / "grpo_s0" / "metrics" / "eval_grpo_s0.json").read_text())["average"]["em"]
+    default = results["arms"]["default"]
+    assert default["seeds_complete"] == [0] and results["arms"]["control"]["seeds_complete"] == [0]
+    ci = default["paired_vs_grpo"]["tspo"]
+    tspo, grpo = res["tspo_s0"]["test"]["per_family"], res["grpo_s0"]["test"]["per_family"]
+    assert ci["mean"] == pytest.approx(sum(tspo[f] - grpo[f] for f in tspo) / len(tspo))  # the exact difference
+    assert ci["lo"] <= ci["mean"] <= ci["hi"] and ci["seeds"] == 1 and ci["questions"] == 26
     text = (out / "results.md").read_text()
-    assert "| GRPO |" in text and "| TSPO |" in text and "alpha sweep" in text
-    for fig in ("dev_em.png", "zero_variance.png", "alpha_sweep.png"):
+    assert "### Paired comparison with GRPO (1 complete seeds)" in text and "| TSPO − GRPO | " in text
+    assert "Control: habit-free SFT" in text and "| SFT (habit-free) |" in text and "| GRPO+FOLR |" not in text
+    for fig in ("dev_em.png", "zero_variance.png", "categories.png"):
         assert (out / fig).stat().st_size > 1000
-    # a rerun finds every run on disk and trains nothing
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    assert bench.main(argv) == 0
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
-    # runs of other settings are never mixed in: another step count stops the script before anything is reused
+
+    # a rerun finds every unit done and trains nothing
+    def no_training(*a, **k):
+        raise AssertionError("trained although every unit is done")
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    with monkeypatch.context() as m:
+        m.setattr("tspo_core.train.rl.run_rl", no_training)
+        m.setattr("tspo_core.train.sft.run_sft", no_training)
+        assert bench.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+    # units of other settings are never mixed in: another step count stops the script before anything runs
     with pytest.raises(SystemExit, match="other settings"):
-        bench.main(argv[:2] + ["--steps", "3"] + argv[argv.index("--eval-every"):])
-    (out / "runs" / "key.json").unlink()  # runs from before the key existed: of unknown origin, never reused
-    with pytest.raises(SystemExit, match="unknown origin"):
-        bench.main(argv)
+        bench.main(argv[:argv.index("--steps")] + ["--steps", "3"] + argv[argv.index("--eval-every"):])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+    # the report is rebuilt from the result files alone
+    (out / "results.md").unlink()
+    assert bench.main(argv + ["--only-report"]) == 0 and (out / "results.md").read_text() == text
+    # another session: one unit to redo, its seed's SFT checkpoint gone with the scratch; SFT is retrained (the same
+    # checkpoint on this machine) and only that unit runs
+    shutil.rmtree(out / "runs" / "tspo_s0")
+    assert bench.main(argv) == 0
+    again = json.loads((out / "runs" / "tspo_s0" / "result.json").read_text())
+    assert again["sft_checkpoint_sha256"] == res["sft_s0"]["checkpoint_sha256"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json") if p.parent.name != "tspo_s0"} == {
+        p: t for p, t in stamps.items() if p.parent.name != "tspo_s0"}
 
 
 def _load_benchmark():
