@@ -8,8 +8,9 @@ they need (e.g. `build_datasets(cfg.data, cfg.paths)`), never the whole tree whe
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,6 +40,35 @@ class _Section(BaseModel):
         if isinstance(value, bool) and field is not None and _is_number(field.annotation):
             raise ValueError("expected a number, got a boolean")
         return value
+
+    _FINITE: ClassVar[tuple[str, ...]] = ()
+    """Float settings that must be finite (`.inf` would turn the loss or the weights non-finite)."""
+    _LEARNING_RATES: ClassVar[tuple[str, ...]] = ()
+    """Learning rates: finite, > 0 and still > 0 and finite once rounded to float32 (the optimizer's dtype)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _numerically_possible(cls, value: Any, info: Any) -> Any:
+        # Settings that make training numerically impossible fail here, naming the key, instead of after the
+        # first step made the weights non-finite (or a seed overflowed torch's 64-bit generator).
+        name = info.field_name or ""
+        if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value <= SEED_MAX:
+            raise ValueError("a seed must be within 0..2**63-1 (a 64-bit generator seed)")
+        if name in cls._FINITE + cls._LEARNING_RATES and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        if name in cls._LEARNING_RATES and isinstance(value, float) and not 0 < value <= FLOAT32_MAX:
+            raise ValueError(f"overflows float32 (largest {FLOAT32_MAX:.4g}): the first step would make the "
+                             "weights non-finite")
+        if name in cls._LEARNING_RATES and isinstance(value, float) and value < FLOAT32_TINY:
+            raise ValueError(f"is below float32's smallest normal number ({FLOAT32_TINY:.4g}): the "
+                             "updates would vanish")
+        return value
+
+
+SEED_MAX = 2**63 - 1
+"""Largest seed (torch and Python generators take it; the RL loop derives per-step seeds modulo 2**64)."""
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,6 +351,9 @@ class SFTConfig(_Section):
                                      "protocol check (valid actions, EM).")
     seed: int = Field(0, description="Seed.")
 
+    _FINITE = ("weight_decay", "obs_loss_weight", "max_minutes")
+    _LEARNING_RATES = ("lr",)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # RL: rollout, reward, advantage, optim, train
@@ -340,10 +373,27 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature for training rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
 
+    _FINITE = ("temperature",)
+
+
+def check_rl_rollout(rollout: RolloutConfig) -> None:
+    """RL's own requirements on `rollout.group_size` and `rollout.temperature`, checked where RL starts (the train
+    CLI's pre-flight, `flows.common.check_inputs`, and `train.rl.run_rl`), not at load: the section is shared with
+    SFT and evaluation, which decode greedily one rollout per question and ignore both keys. Raises `ConfigError`."""
+    if rollout.group_size < 2:
+        raise ConfigError(f"rollout.group_size = {rollout.group_size}: RL needs at least 2 rollouts per question "
+                          "(advantages are relative to the group: a group of one has every advantage 0)")
+    if rollout.temperature == 0:
+        raise ConfigError("rollout.temperature = 0: RL samples its rollouts; greedy rollouts of a question are all "
+                          "alike, so every group is degenerate and every advantage 0 (use a temperature > 0, "
+                          "e.g. 1.0)")
+
 
 class RewardConfig(_Section):
     folr_alpha: float = Field(0.5, ge=0, description="FOLR latent reward credited to the first-occurrence turn.")
     format_bonus: float = Field(0.0, ge=0, description="Optional shaping for a well-formed trajectory.")
+
+    _FINITE = ("folr_alpha", "format_bonus")
 
 
 class AdvantageConfig(_Section):
@@ -364,6 +414,16 @@ class OptimConfig(_Section):
                             "low_var_kl: one token far from the reference must not dominate the loss).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus.")
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = Field("token-mean", description="Loss aggregation.")
+
+    _FINITE = ("weight_decay", "grad_clip", "clip_ratio", "kl_coef", "kl_clamp", "entropy_coef")
+    _LEARNING_RATES = ("lr",)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):  # NaN fails too
+            raise ValueError("AdamW betas must be within [0, 1)")
+        return v
 
 
 class TrainConfig(_Section):
