@@ -297,7 +297,7 @@ def test_main_tracks_after_the_flow(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     seen: list[tuple] = []
     monkeypatch.setattr(tracking, "track_stage", lambda name, path, opts, failed=False: seen.append(
         (name, str(path), dict(opts), failed)))
-    monkeypatch.setattr(common, "check_inputs", lambda path, opts: None)
+    monkeypatch.setattr(common, "check_inputs", lambda path, opts, stage=None: None)
 
     def ok(params_path: str, estimator: str) -> None:
         seen.append(("ran", estimator))
@@ -313,8 +313,10 @@ def test_main_tracks_after_the_flow(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     bad.name = "index"  # type: ignore[attr-defined]
     seen.clear()
     monkeypatch.setattr(sys, "argv", ["x", "--params", "p.yaml"])
-    with pytest.raises(RuntimeError, match="boom"):
+    monkeypatch.setenv("TSPO_LOG_DIR", str(tmp_path / "logs"))
+    with pytest.raises(SystemExit) as exited:  # an internal error: one line, exit 1
         common.main(bad, "d")
+    assert exited.value.code == 1
     assert seen == [("index", "p.yaml", {}, True)]
 
 

@@ -177,18 +177,111 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)  # the previous version goes back where readers expect it
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(src: str | Path, path: str | Path) -> None:
+    """Rename the finished directory `src` (a sibling of `path`) to `path`, replacing what was there: the previous
+    version is moved aside to `.<name>.old` first and removed after; if the second rename fails it is put back (if
+    the process dies between the renames, `restore_interrupted_swap` puts it back)."""
+    src, path = Path(src), Path(path)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        try:
+            os.replace(src, path)
+        except BaseException:
+            os.replace(old, path)  # the previous version goes back where readers expect it
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files that change together with a directory
+# ----------------------------------------------------------------------------------------------------------------
+PENDING_DIR = ".pending"
+"""Inside a staged output directory: files that belong elsewhere (metrics beside the checkpoint), moved to their
+destinations right after the directory is swapped in (`finish_pending`)."""
+_MANIFEST = "manifest.json"
+
+
+def pending_file(staged_dir: str | Path, dest: str | Path) -> Path:
+    """Where to write the file that will become `dest` once `staged_dir` is swapped in: a path inside
+    `staged_dir/.pending`, recorded in its manifest (destination resolved to an absolute path)."""
+    pending = Path(staged_dir) / PENDING_DIR
+    pending.mkdir(parents=True, exist_ok=True)
+    manifest = pending / _MANIFEST
+    entries = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+    dest = Path(dest).resolve()
+    name = next((k for k, v in entries.items() if v == str(dest)), None)
+    if name is None:
+        name = f"{len(entries)}-{dest.name}"
+        entries[name] = str(dest)
+        write_json(manifest, entries)
+    return pending / name
+
+
+def finish_pending(out_dir: str | Path) -> list[Path]:
+    """Move the pending files of a swapped-in output directory to their destinations (each atomically), then remove
+    `.pending`; returns the destinations. Idempotent: a run that died half-way through is finished by the next
+    call (the stage calls it before it starts), so the directory and its files end up changed together."""
+    pending = Path(out_dir) / PENDING_DIR
+    manifest = pending / _MANIFEST
+    if not manifest.is_file():
+        shutil.rmtree(pending, ignore_errors=True)
+        return []
+    moved = []
+    for name, dest in json.loads(manifest.read_text(encoding="utf-8")).items():
+        src, dest = pending / name, Path(dest)
+        if src.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(src, dest)
+            except OSError:  # another filesystem: copy atomically, then drop the staged copy
+                with atomic_open(dest, "wb") as fh, open(src, "rb") as fr:
+                    shutil.copyfileobj(fr, fh)
+                src.unlink()
+        moved.append(dest)
+    shutil.rmtree(pending)
+    return moved
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs never overlap inputs
+# ----------------------------------------------------------------------------------------------------------------
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser().resolve()))
+
+
+def _within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_disjoint(inputs: Iterable[tuple[str, str | Path]], outputs: Iterable[tuple[str, str | Path]]) -> None:
+    """Refuse a stage whose outputs overlap its inputs or each other, before it writes anything.
+
+    `inputs` and `outputs` are (label, path) pairs; the label names where the path comes from (a params key such as
+    `paths.data_dir`, or a CLI option). Paths are resolved (symlinks followed, relative to the working directory);
+    two paths overlap when they are equal or one lies inside the other. Raises `ConfigError` naming both labels and
+    both paths: writing the output would replace (part of) the input, or one output would replace the other."""
+    from tspo_core.errors import ConfigError
+
+    ins = [(label, _resolved(p)) for label, p in inputs]
+    outs = [(label, _resolved(p)) for label, p in outputs]
+    for i, (out_label, out) in enumerate(outs):
+        for in_label, inp in ins:
+            if _within(inp, out) or _within(out, inp):
+                how = "is" if out == inp else ("contains" if _within(inp, out) else "lies inside")
+                raise ConfigError(f"output {out_label} ({out}) {how} input {in_label} ({inp}): the stage would "
+                                  "overwrite its own input; point them at separate places (nothing was written)")
+        for other_label, other in outs[i + 1:]:
+            if _within(other, out) or _within(out, other):
+                how = "is" if out == other else ("contains" if _within(other, out) else "lies inside")
+                raise ConfigError(f"output {out_label} ({out}) {how} output {other_label} ({other}): one output "
+                                  "would overwrite the other; point them at separate places (nothing was written)")

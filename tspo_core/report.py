@@ -26,6 +26,9 @@ from tspo_core.io import atomic_open, write_text
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.md"
+FIGURES: tuple[str, ...] = ("eval_categories.png", "training_curves.png", "zero_variance.png",
+                            "training_categories.png")
+"""The PNG figures `build_report` writes beside the report (each only when it has something to draw)."""
 CURVE_KEYS: tuple[str, ...] = ("reward_mean", "em", "zero_var_share_o", "zero_var_share_s")
 """Panels of `training_curves.png`, in order; a `dev_em` panel (greedy dev EM, `train.eval_every`) comes first
 when some history has it."""
@@ -448,7 +451,7 @@ def build_report(eval_metrics: Mapping[str, Mapping[str, Any]],
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("eval_categories.png", "training_curves.png", "zero_variance.png", "training_categories.png"):
+    for stale in FIGURES:
         (out_dir / stale).unlink(missing_ok=True)  # a figure with nothing to draw this time must not linger
 
     md = ["# Search agents: TSPO vs GRPO", ""]
