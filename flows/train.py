@@ -2,6 +2,9 @@
 
 Several processes: `torchrun --nproc_per_node N -m flows.train --params params.yaml --estimator tspo`
 (gloo on CPU, NCCL on GPUs); each rank rolls out its share of the questions, gradients are summed.
+
+The run's outputs (checkpoint, model, `train_<estimator>.{jsonl,csv,json}`) change together, when it ends well:
+a run of other settings trains beside the finished one (`tspo_core.train.outputs`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from prefect import flow, task
 from tqdm import tqdm
 
 from flows.common import load, main, publish
-from tspo_core.io import scalar_columns, write_csv, write_json, write_jsonl
+from tspo_core.train.outputs import SUMMARY_KEYS, training_summary
 from tspo_core.train.rl import Dist, run_rl
 
-SUMMARY_KEYS = ("reward_mean", "em", "folr_share", "zero_var_share_o", "zero_var_share_s", "kl", "entropy")
+__all__ = ["SUMMARY_KEYS", "train", "train_flow"]
 
 
 def _init_distributed() -> Dist:
@@ -36,39 +39,24 @@ def train(params_path: str, estimator: str) -> list[dict]:
     params = load(params_path)
     dist = _init_distributed()
     out_dir = Path(params.paths.rl_dir) / estimator
-    curve = Path(params.paths.metrics_dir) / f"train_{estimator}.jsonl"
-    curve_csv = curve.with_suffix(".csv")  # the same records, scalar columns only, for `dvc plots`
     bar = tqdm(total=params.train.steps, desc=f"train@{estimator}", unit="step", disable=dist.rank != 0)
-
-    def write_curve(history: list[dict]) -> None:  # the whole history (resumed steps included), atomically
-        write_jsonl(curve, history)
-        write_csv(curve_csv, history, scalar_columns(history))
 
     def on_step(rec: dict, history: list[dict]) -> None:
         bar.n = rec["step"]
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", em=f"{rec['em']:.3f}")
         bar.refresh()
-        if dist.rank == 0:
-            write_curve(history)
 
     try:
-        full = run_rl(params, estimator, out_dir, on_step=on_step, dist=dist)
+        return run_rl(params, estimator, out_dir, on_step=on_step, dist=dist, metrics_dir=params.paths.metrics_dir)
     finally:
         bar.close()
-    if dist.rank == 0:
-        write_curve(full)
-    return full
 
 
 @flow(name="train")
 def train_flow(params_path: str = "params.yaml", estimator: str = "tspo") -> dict:
     history = train(params_path, estimator)
     params = load(params_path)
-    last = history[-1]
-    tail = history[-max(1, len(history) // 5):]
-    summary = {"estimator": estimator, "steps": last["step"],
-               **{f"{k}_last20pct": sum(h.get(k, 0.0) for h in tail) / len(tail) for k in SUMMARY_KEYS}}
-    write_json(Path(params.paths.metrics_dir) / f"train_{estimator}.json", summary)
+    summary = training_summary(history, estimator)  # as written to train_<estimator>.json with the run
     publish(f"train-{estimator.replace('_', '-')}", f"RL training ({estimator})",
             [{"metric": k, "value": v} for k, v in summary.items()],
             notes=f"model: `{Path(params.paths.rl_dir) / estimator / 'model'}`")

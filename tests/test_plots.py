@@ -186,17 +186,23 @@ def run_sft_flow(monkeypatch, tmp_path: Path, history: list[dict]) -> Path:
 
 
 def run_train_task(monkeypatch, tmp_path: Path, estimator: str, steps: int, seen: list | None = None) -> Path:
-    """flows.train.train with a stand-in trainer that calls `on_step` like `run_rl`; `seen` collects, after each
-    step, what the two curve files held."""
+    """flows.train.train with a stand-in trainer that calls `on_step` like `run_rl` and writes the history with the
+    writer `run_rl` uses (`outputs.write_history`, into the run's staging dir after every step, onto the metrics
+    paths when the run is committed); `seen` collects, after each step, what the two curve files held."""
+    from tspo_core.train.outputs import history_paths, write_history
+
     metrics = tmp_path / "metrics"
 
-    def fake_run_rl(params, est, out_dir, on_step, dist):
+    def fake_run_rl(params, est, out_dir, on_step, dist, metrics_dir):
+        assert Path(metrics_dir) == metrics
+        jsonl, csv, _ = history_paths(metrics_dir, est)
         history = []
         for step in range(1, steps + 1):
             history.append(_train_record(step, est))
+            write_history(jsonl, csv, history)
             on_step(history[-1], history)
             if seen is not None:
-                seen.append((_read_jsonl(metrics / f"train_{est}.jsonl"), _read_csv(metrics / f"train_{est}.csv")))
+                seen.append((_read_jsonl(jsonl), _read_csv(csv)))
         return history
 
     monkeypatch.setattr(flows.train, "load", lambda _: _params(tmp_path))
@@ -232,7 +238,7 @@ def test_sft_flow_writes_the_curve_as_jsonl_and_csv(tmp_path, monkeypatch):
     assert _leftovers(metrics) == []
 
 
-def test_train_flow_rewrites_the_csv_after_every_step(tmp_path, monkeypatch):
+def test_train_history_csv_matches_the_jsonl_after_every_step(tmp_path, monkeypatch):
     seen: list = []
     metrics = run_train_task(monkeypatch, tmp_path, "tspo", steps=3, seen=seen)
     assert len(seen) == 3

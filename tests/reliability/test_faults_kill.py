@@ -1,9 +1,9 @@
 """kill -9 of a stage CLI at a random point, then a rerun of the same command: the result equals an uninterrupted
 run with the same seed, nothing is duplicated or lost, and no temporary leftovers remain.
 
-- train: killed after the checkpoint of a random step k; the rerun resumes from the checkpoint the killed run left
-  (logged: "resumed from ... at step k'") and its per-step metrics and final weights equal those of an uninterrupted
-  run. tests/test_rl.py checks `RLTrainer.fit` resume in-process; here it goes through the real CLI processes.
+- train: killed after the checkpoint of a random step k; no output of the stage exists yet (the run trains in a
+  staging sibling); the rerun resumes from the checkpoint the killed run left (logged: "resumed from ... at step
+  k'") and its per-step metrics and final weights equal those of an uninterrupted run. tests/test_rl.py checks `RLTrainer.fit` resume in-process; here it goes through the real CLI processes.
 - evaluate: killed after a random number of result rows (a torn half row is appended, as a kill inside a write
   leaves it); the rerun skips the finished rows and each dataset's rows equal the uninterrupted run's, each id once.
 - index (dense): killed after a random number of encoded shards; the rerun reuses exactly the finished shards and
@@ -69,7 +69,7 @@ def test_train_killed_after_a_random_checkpoint_resumes_to_the_uninterrupted_res
     k = _rng("train").randint(1, steps - 3)  # at least 3 steps left: the kill lands before the end
     where = f"(seed {SEED}: kill after the checkpoint of step {k})"
     out = work.path("rl_dir") / "tspo"
-    ckpt = out / "checkpoint"
+    ckpt = work.path("rl_dir") / ".tspo.next" / "checkpoint"  # a run trains beside the stage's outputs
     proc = work.popen("train", "--estimator", "tspo", log=tmp_path / "killed.log")
     try:
         wait_for(lambda: len(read_json(ckpt / "history.json")) >= k, proc, what=f"checkpoint {k} {where}")
@@ -80,7 +80,8 @@ def test_train_killed_after_a_random_checkpoint_resumes_to_the_uninterrupted_res
     state, history = load_trainer_state(ckpt)  # what the killed run left is a loadable checkpoint
     at = state["step"]
     assert k <= at < steps and len(history) == at, where
-    assert not (out / "model").exists(), where  # the final model is written only at the end
+    assert not out.exists(), where  # the stage's outputs appear only when the run has ended well
+    assert not (work.path("metrics_dir") / "train_tspo.jsonl").exists(), where
 
     rerun = work.run("train", "--estimator", "tspo")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -97,6 +98,7 @@ def test_train_killed_after_a_random_checkpoint_resumes_to_the_uninterrupted_res
     assert summary["steps"] == steps
     assert math.isclose(summary["entropy_last20pct"], sum(r["entropy"] for r in tail) / len(tail), rel_tol=1e-12)
     assert leftovers(work.path("rl_dir")) == [], where  # a checkpoint half-written at the kill is cleaned up
+    assert not ckpt.parent.exists(), where  # the staging directory became the stage's output
 
 
 # ----------------------------------------------------------------------------------------------------------------

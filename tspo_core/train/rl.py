@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -231,7 +230,7 @@ class RLTrainer:
     # -- one step ---------------------------------------------------------------------------------------------
     def collect(self, step: int) -> Experience:
         questions, offset = self.questions_for(step)
-        torch.manual_seed(self.cfg.train.seed * 7919 + step * 104_729 + self.dist.rank)
+        torch.manual_seed((self.cfg.train.seed * 7919 + step * 104_729 + self.dist.rank) % 2**64)  # 64-bit seed
         self.model.eval()
         batch = self.engine.run(questions, self.cfg.rollout.group_size, self.cfg.rollout.temperature,
                                 self.cfg.rollout.top_p, group_offset=offset)
@@ -419,13 +418,13 @@ class RLTrainer:
         if (ckpt_dir / STATE_FILE).exists():
             stored_state = load_trainer_state(ckpt_dir)[0]
             if stored_state.get("fingerprint") != self.fingerprint:
-                # DVC keeps this output across runs (persist: true, for crash recovery); a checkpoint of other
-                # settings is a different run, never a starting point.
+                # a checkpoint of other settings is a different run, never a starting point; it stays in place
+                # until this run's first checkpoint replaces it (the stage driver, `run_rl`, never trains over a
+                # finished run: it trains beside it, see tspo_core.train.outputs)
                 lora_change = ("" if stored_state.get("lora") == self.lora else
                                f" (it trains {describe(stored_state.get('lora'))}, this run {describe(self.lora)})")
                 log.warning("%s holds a checkpoint of different settings%s; starting a fresh run", ckpt_dir,
                             lora_change)
-                shutil.rmtree(ckpt_dir)
             else:
                 self.resume(ckpt_dir)
                 log.info("resumed from %s at step %d", ckpt_dir, self.step)
@@ -446,21 +445,26 @@ class RLTrainer:
 # stage driver
 # ----------------------------------------------------------------------------------------------------------------
 def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict, list[dict]], None] | None = None,
-           dist: Dist = Dist()) -> list[dict]:
+           dist: Dist = Dist(), metrics_dir: str | Path | None = None) -> list[dict]:
     """Stage `train@<estimator>`: RL from the SFT checkpoint (policy and frozen reference) on `rl_train.jsonl`.
 
-    `out_dir/checkpoint` holds the last checkpoint (resumed from when present); `out_dir/model` the final model.
+    `out_dir/checkpoint` holds the finished run's last checkpoint, `out_dir/model` its final model; with
+    `metrics_dir`, `train_<estimator>.{jsonl,csv,json}` there hold its history and summary. A run of other settings
+    (or the first run) trains beside them in `.<out_dir name>.next/` and replaces all of them together only when it
+    ends well (`tspo_core.train.outputs`); a run of the same settings resumes where its checkpoint stopped.
     With `model.lora_r > 0` the policy trains peft adapters (`tspo_core.train.lora`): the reference is the policy
     with its adapters disabled (no second model loaded), the frozen base stays in `model.dtype`, the checkpoint
     holds the adapters, and `out_dir/model` is a plain HF checkpoint with them merged into the base weights.
     """
-    from tspo_core.config import AdvantageConfig
+    from tspo_core.config import AdvantageConfig, check_rl_rollout
     from tspo_core.data.loaders import load_flashrag_jsonl
     from tspo_core.io import atomic_dir
     from tspo_core.pipeline import device, make_engine, open_retriever, prepare_for_training, training_precision
     from tspo_core.policy import load_policy
+    from tspo_core.train import outputs
     from tspo_core.train.lora import apply_lora, write_merged_model
 
+    check_rl_rollout(params.rollout)
     if params.rollout.backend == "vllm":
         raise ConfigError("rollout.backend = vllm is not supported for RL training yet: the vLLM engine would need "
                           "the policy weights synced after every update. Use `hf` for training (vLLM works for "
@@ -484,14 +488,36 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     dev_sets = dev_subsets(params) if params.train.eval_every else None
     trainer = RLTrainer(policy, ref, tokenizer, engine, questions, cfg, dist, start_id=_dir_id(sft_dir),
                         dev_sets=dev_sets)
+    if dist.rank == 0:
+        outputs.recover(out_dir)
+    dist.all_sum(torch.zeros(1))  # every rank sees the recovered directory before it picks where to train
+    run_dir = out_dir if _checkpoint_of(out_dir / "checkpoint", trainer.fingerprint) else outputs.staging_dir(out_dir)
+    if dist.rank == 0 and run_dir != out_dir and not _checkpoint_of(run_dir / "checkpoint", trainer.fingerprint):
+        outputs.discard_pending(run_dir)  # the history of an abandoned run of other settings
+
+    def step_done(rec: dict, history: list[dict]) -> None:
+        if dist.rank == 0 and metrics_dir is not None:  # the history so far, beside the checkpoint of this run
+            outputs.stage_history(run_dir, metrics_dir, estimator, history)
+        if on_step:
+            on_step(rec, history)
+
     with autocast:
-        history = trainer.fit(out_dir / "checkpoint", on_step=on_step)
-    if dist.rank == 0 and lora:
-        write_merged_model(out_dir / "checkpoint", out_dir / "model", sft_dir, params.model)
-    elif dist.rank == 0:
-        with atomic_dir(out_dir / "model") as tmp:
-            copy_checkpoint_files(out_dir / "checkpoint", tmp)
+        history = trainer.fit(run_dir / "checkpoint", on_step=step_done)
+    if dist.rank == 0:
+        if lora:
+            write_merged_model(run_dir / "checkpoint", run_dir / "model", sft_dir, params.model)
+        else:
+            with atomic_dir(run_dir / "model") as tmp:
+                copy_checkpoint_files(run_dir / "checkpoint", tmp)
+        if metrics_dir is not None:
+            outputs.stage_history(run_dir, metrics_dir, estimator, history, final=True)
+        outputs.commit(run_dir, out_dir)
     return history
+
+
+def _checkpoint_of(ckpt_dir: Path, fingerprint: str) -> bool:
+    """Whether `ckpt_dir` holds a checkpoint of the run with `fingerprint` (a broken one raises CheckpointError)."""
+    return (ckpt_dir / STATE_FILE).exists() and load_trainer_state(ckpt_dir)[0].get("fingerprint") == fingerprint
 
 
 def greedy_dev_em(engine: RolloutEngine, dev_sets: Mapping[str, Sequence[QAExample]],
