@@ -123,11 +123,56 @@ def _load_tokenizer(source: str):
     return AutoTokenizer.from_pretrained(source)
 
 
+MODEL_FILES = ("config.json",)
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.ckpt", "*.gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "qwen.tiktoken",
+                   "tokenizer.tiktoken")
+
+
+def check_checkpoint_files(path: str | Path) -> None:
+    """A local checkpoint directory must hold a model (config.json and weights) and a tokenizer; raises
+    `ConfigError` saying which is missing (the loaders' own messages would blame a missing package instead)."""
+    root = Path(path)
+    if not root.is_dir():
+        return  # a hub name, or a missing path (from_pretrained names it)
+    names = {p.name for p in root.iterdir()}
+    missing = []
+    if not any(n in names for n in MODEL_FILES) or not any(any(root.glob(g)) for g in WEIGHT_PATTERNS):
+        missing.append("no model files (config.json and *.safetensors or pytorch_model.bin)")
+    if not any(n in names for n in TOKENIZER_FILES):
+        missing.append(f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): the checkpoint's tokenizer is "
+                       "missing (save it beside the model with tokenizer.save_pretrained)")
+    if missing:
+        raise ConfigError(f"{root}: not a complete checkpoint: {'; '.join(missing)}")
+
+
+def check_finite_weights(model, source: str) -> None:
+    """Refuse a checkpoint whose weights hold NaN or inf (it would generate garbage and score 0 without a word),
+    naming the weight file and the first bad tensors."""
+    from tspo_core.train.checkpoint import CheckpointError
+
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if not bad:
+        return
+    where, root = source, Path(source)
+    if root.is_dir():  # the weight files holding the bad tensors (a sharded checkpoint's index maps them)
+        weight_map: dict[str, str] = {}
+        for index in root.glob("*.index.json"):
+            weight_map.update(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+        files = sorted({weight_map[n] for n in bad if n in weight_map})
+        files = files or [f.name for g in WEIGHT_PATTERNS for f in sorted(root.glob(g))]
+        where = ", ".join(str(root / f) for f in files[:3]) or source
+    raise CheckpointError(f"{where}: non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                          "refusing to load this checkpoint")
+
+
 def load_policy(path: str | Path, cfg: ModelConfig, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer) from an HF directory or hub name; fails with the path named on a bad checkpoint."""
+    """Load (model, tokenizer) from an HF directory or hub name; fails with the path named on a bad checkpoint
+    (missing model or tokenizer files, non-finite weights, an encoder, a tokenizer without the protocol tags)."""
     from transformers import AutoModelForCausalLM
 
     source = str(path)
+    check_checkpoint_files(path)
     try:
         tokenizer = _load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.dtype])
@@ -136,6 +181,7 @@ def load_policy(path: str | Path, cfg: ModelConfig, device: str | torch.device =
     if model.config.model_type in _ENCODER_ONLY and not getattr(model.config, "is_decoder", False):
         raise ConfigError(f"{source}: a {model.config.model_type} checkpoint is an encoder (bidirectional "
                           "attention), not a causal LM; the policy must be a decoder such as Qwen2")
+    check_finite_weights(model, source)
     check_tokenizer(tokenizer, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
