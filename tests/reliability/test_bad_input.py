@@ -146,6 +146,50 @@ def _evaluate_checkpoint(name: str) -> Callable:
     return setup
 
 
+def _broken_copy_of_sft(spoil: str) -> Callable:
+    """The evaluate stage on a copy of the SFT checkpoint (placed where the grpo run's model would be) with its
+    tokenizer files removed (`no-tokenizer`) or a NaN written into its weights (`nan-weights`)."""
+    def setup(work: Work, _: dict) -> list[str]:
+        model = work.path("rl_dir") / "grpo" / "model"
+        shutil.copytree(work.path("sft_dir"), model)
+        if spoil == "no-tokenizer":
+            for f in model.glob("tokenizer*"):
+                f.unlink()
+        else:
+            from safetensors.torch import load_file, save_file
+
+            weights = load_file(str(model / "model.safetensors"))
+            name = sorted(weights)[0]
+            weights[name][0] = float("nan")
+            save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+        return ["--run", "grpo"]
+    return setup
+
+
+def _empty_checkpoint(work: Work, _: dict) -> list[str]:
+    (work.path("rl_dir") / "grpo" / "model").mkdir(parents=True)
+    return ["--run", "grpo"]
+
+
+def _data_dir_holds_the_inputs(work: Work, ctx: dict) -> list[str]:
+    """Real files under inputs/ (as `_files`), and paths.data_dir pointing at that very folder."""
+    _files()(work, ctx)
+    work.set(**{"paths.data_dir": str(work.root / "inputs")})
+    return []
+
+
+def _path_is(key: str, other: str, sub: str = "") -> Callable:
+    """paths.<key> set to paths.<other> (or a folder `sub` inside it)."""
+    def setup(work: Work, _: dict) -> list[str]:
+        work.set(**{f"paths.{key}": str(work.path(other) / sub)})
+        return []
+    return setup
+
+
+def _data_dir_is_the_working_copy(work: Work, _: dict) -> list[str]:
+    work.set(**{"paths.data_dir": "."})  # relative to the CLI's working directory, which holds params.yaml
+    return []
+
 
 CASES = [
     # params: typos, wrong types, sizes, top-k (refused before any flow run starts)
@@ -206,6 +250,40 @@ CASES = [
          marks=(pytest.mark.slow,)),
     Case("missing-checkpoint", "evaluate", _args("--run", "grpo"),
          ("artifacts/rl/grpo/model: cannot load a causal LM checkpoint",), marks=(pytest.mark.slow,)),
+    # issue 19: outputs never overlap inputs (refused before the flow run: nothing is written)
+    Case("data-dir-is-the-inputs-folder", "data", _data_dir_holds_the_inputs,
+         ("output paths.data_dir (", "/inputs) contains input data.files.corpus (", "/inputs/corpus.jsonl)"), True),
+    Case("data-dir-holds-the-params-file", "data", _data_dir_is_the_working_copy,
+         ("output paths.data_dir (", "contains input --params (", "params.yaml)"), True),
+    Case("index-dir-is-the-data-dir", "index", _path_is("index_dir", "data_dir"),
+         ("output paths.index_dir (", "/data) is input paths.data_dir ("), True),
+    Case("rl-dir-inside-the-sft-checkpoint", "train", _path_is("rl_dir", "sft_dir", "rl"),
+         ("output paths.rl_dir (", "/artifacts/sft/rl/tspo) lies inside input paths.sft_dir ("), True),
+    Case("eval-dir-is-the-checkpoint", "evaluate", _args("--run", "sft", **{"paths.eval_dir": "artifacts"}),
+         ("output paths.eval_dir (", "/artifacts/sft) is input paths.sft_dir ("), True),
+    Case("metrics-dir-inside-the-index", "index", _path_is("metrics_dir", "index_dir"),
+         ("output paths.index_dir (", "/artifacts/index) contains output paths.metrics_dir (",
+          "/artifacts/index/index.json)"), True),
+    # issue 19: settings that make training numerically impossible, and nonsense for RL, refused by name
+    Case("lr-infinite", "train", _set(optim__lr=float("inf")), ("optim.lr: ", "must be a finite number"), True),
+    Case("lr-overflows-float32", "train", _set(optim__lr=1e308), ("optim.lr: ", "overflows float32"), True),
+    Case("sft-lr-infinite", "sft", _set(sft__lr=float("inf")), ("sft.lr: ", "must be a finite number"), True),
+    Case("betas-outside-0-1", "train", _set(optim__betas=[0.9, 1.0]),
+         ("optim.betas: ", "AdamW betas must be within [0, 1)"), True),
+    Case("kl-coef-infinite", "train", _set(optim__kl_coef=float("inf")), ("optim.kl_coef: ", "finite"), True),
+    Case("seed-over-64-bits", "train", _set(train__seed=10**23), ("train.seed: ", "within 0..2**63-1"), True),
+    Case("group-size-1", "train", _set(rollout__group_size=1),
+         ("rollout.group_size = 1: RL needs at least 2 rollouts per question",), True),
+    Case("temperature-0", "train", _set(rollout__temperature=0.0), ("rollout.temperature = 0: RL samples",), True),
+    # issue 19: checkpoints refused at load with a message that says what is wrong
+    Case("empty-checkpoint-dir", "evaluate", _empty_checkpoint,
+         ("artifacts/rl/grpo/model: not a complete checkpoint: no model files", "no tokenizer files"),
+         marks=(pytest.mark.slow,)),
+    Case("checkpoint-without-tokenizer", "evaluate", _broken_copy_of_sft("no-tokenizer"),
+         ("artifacts/rl/grpo/model: not a complete checkpoint: no tokenizer files",
+          "the checkpoint's tokenizer is missing"), marks=(pytest.mark.slow,)),
+    Case("checkpoint-nan-weights", "evaluate", _broken_copy_of_sft("nan-weights"),
+         ("artifacts/rl/grpo/model/model.safetensors: non-finite weights (NaN or inf)",), marks=(pytest.mark.slow,)),
 ]
 
 STAGE_OUTS = {  # the DVC outs (and metrics) of each stage, relative to the working copy
@@ -264,6 +342,8 @@ def test_bad_input_fails_cleanly_naming_the_fault(case: Case, work: Work, checkp
         assert fragment in message, f"{fragment!r} not in the error message:\n{message or proc.stderr[-3000:]}"
     if case.fails_before_flow:  # refused up front: one clean message, no orchestrator run, no traceback
         assert "Traceback" not in proc.stderr and "Flow run" not in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # never a traceback on the console
+    assert message.count("\n") == 1 and message.startswith("error: "), message  # one line
     changes = diff_snapshots(before, snapshot(work.root))
     assert not changes, f"the failed stage changed files: {changes[:10]}"
     for rel, existed in outs.items():
