@@ -23,8 +23,9 @@ and the control table. It is rewritten after every finished unit from whatever i
     nice -n 19 .venv/bin/python benchmarks/tspo_vs_grpo.py --seeds 0 1 --estimators grpo tspo --control-seeds
     .venv/bin/python benchmarks/tspo_vs_grpo.py --only-report      # tables and figures from the committed results
 
-Duration on 2 CPU cores with the default (30 RL steps): SFT ~7 min per seed, each RL run ~2.5 min, each full
-evaluation ~1 min, so ~25 min per default seed and ~15 min per control seed: about 3 hours in all.
+Duration on 2 CPU cores with the default (30 RL steps): SFT ~7 min per seed, each RL run ~2.5 min (plus ~10 s per
+greedy dev EM), each full evaluation ~1 min, so ~25-30 min per default seed and ~15 min per control seed: about 3
+hours in all.
 
 Resuming, also in another session or on another machine: every finished unit (an SFT or an RL run of one seed)
 writes `<out>/runs/<unit>/result.json` (small, committed: settings key, test metrics, per-question EM, the reduced
@@ -367,7 +368,7 @@ def arm_summary(plan: list[Unit], done: dict, arm: str) -> dict | None:
     seeds = list(dict.fromkeys(u.seed for u in units))
     res = {m: {s: done.get(unit_name(arm, m, s)) for s in seeds} for m in methods}
     complete = [s for s in seeds if all(res[m][s] is not None for m in methods)]
-    families = list(next((r["test"]["per_family"] for m in methods for r in res[m].values() if r), {}))
+    families = list(units[0].params.eval.datasets)
     out: dict[str, Any] = {"seeds_planned": seeds, "seeds_complete": complete, "families": families, "methods": {}}
     grpo_final = [r["history"]["dev_em"][-1][1] for r in res.get(BASELINE, {}).values()
                   if r and r["history"]["dev_em"]]
@@ -436,7 +437,7 @@ def arm_markdown(arm: str, s: dict) -> list[str]:
         lines.append(f"| {label} | {len(e['seeds_done'])} | " + " | ".join(_ms(e["per_family"][f], 2) for f in fams)
                      + f" | {_ms(e['test_em'])} | {per_seed} |")
     lines += ["", f"### Paired comparison with GRPO ({len(s['seeds_complete'])} complete seeds)", "",
-              "Difference of the seven-family average test EM, method − GRPO, on the same questions and seeds; "
+              "Difference of the average test EM over families, method − GRPO, on the same questions and seeds; "
               f"95% CI from a paired bootstrap ({REPLICATES:,} replicates: seeds with replacement, then questions "
               "with replacement within each family). A difference is claimed only where the CI excludes 0.", "",
               "| Method − GRPO | mean difference | 95% CI | seeds | questions per seed | verdict |",
@@ -489,6 +490,7 @@ def arm_markdown(arm: str, s: dict) -> list[str]:
 def build_results(out: Path, args, base, plan: list[Unit], done: dict) -> None:
     arms = {arm: s for arm in ARMS if (s := arm_summary(plan, done, arm)) is not None}
     missing = [u.name for u in plan if u.name not in done]
+    missing_txt = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
     train_s = sum(r["seconds"].get("train") or r["seconds"].get("sft") or 0 for r in done.values())
     wall_s = sum(r["seconds"].get("unit_wall") or 0 for r in done.values())
     machines = sorted({f"{r['machine']['cpu']}, {r['machine']['cpus']} CPUs" for r in done.values()})
@@ -502,7 +504,7 @@ def build_results(out: Path, args, base, plan: list[Unit], done: dict) -> None:
              f"every {args.eval_every} steps on {base.train.eval_questions} dev questions per family; test: greedy "
              "on every test question (`eval.subset_size: null`), answers matched as "
              f"`{base.eval.answer_normalization}`.  ",
-             f"Units finished: {len(done)} of {len(plan)}" + (f" (missing: {', '.join(missing)})" if missing else "")
+             f"Units finished: {len(done)} of {len(plan)}" + (f" (missing: {missing_txt})" if missing else "")
              + f"; unit wall time {wall_s / 60:.0f} min in all (training {train_s / 60:.0f} min); machines: "
              + ("; ".join(machines) or "–") + ".", ""]
     for arm, s in arms.items():
