@@ -99,7 +99,7 @@ def stage_paths(stage: str, params: Params, params_path: str | Path, options: Ma
         return inputs, [("paths.rl_dir", Path(p.rl_dir) / est)] + [
             ("paths.metrics_dir", metrics / f"train_{est}{ext}") for ext in (".jsonl", ".csv", ".json")]
     if stage == "evaluate":
-        from tspo_core.evaluate import checkpoint_for
+        from tspo_core.layout import checkpoint_for
 
         run = options.get("run") or "tspo"
         ckpt = options.get("checkpoint")
@@ -110,7 +110,7 @@ def stage_paths(stage: str, params: Params, params_path: str | Path, options: Ma
         return inputs + retrieval, [("paths.eval_dir", Path(p.eval_dir) / run),
                                     ("paths.metrics_dir", metrics / f"eval_{run}.json")]
     if stage == "report":
-        from tspo_core.report import FIGURES, REPORT_NAME
+        from tspo_core.layout import FIGURES, REPORT_NAME
 
         read = sorted([*metrics.glob("eval_*.json"), *metrics.glob("train_*.jsonl")])
         return ([inputs[0], *(("paths.metrics_dir", f) for f in read)],
@@ -132,7 +132,7 @@ def check_inputs(params_path: str | Path, options: Mapping[str, Any], stage: str
             raise ConfigError(f"--estimator {estimator!r}: unknown advantage estimator; known: {advantage_names()}")
     run = options.get("run")
     if run is not None:
-        from tspo_core.evaluate import check_run_name
+        from tspo_core.layout import check_run_name
 
         check_run_name(run)
     if stage == "train":

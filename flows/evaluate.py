@@ -12,7 +12,8 @@ from prefect import flow, get_run_logger, task
 
 from flows.common import load, main, publish, retry_unless_bad_input
 from tspo_core.agent.rewards import CATEGORIES
-from tspo_core.evaluate import checkpoint_for, markdown_table, run_evaluate
+from tspo_core.evaluate import markdown_table, run_evaluate
+from tspo_core.layout import checkpoint_for
 
 ROW_KEYS = ("n", "em", "f1", "cover_em", *CATEGORIES, "answer_in_evidence_rate", "turns_mean", "searches_mean",
             "invalid_action_rate")

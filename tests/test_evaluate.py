@@ -15,9 +15,11 @@ from tspo_core.agent.protocol import Action
 from tspo_core.agent.rollout import Rollout, RolloutEngine, RolloutSettings
 from tspo_core.config import FAMILIES, IndexConfig, TinyModelConfig, load_params
 from tspo_core.data.schema import QAExample
+from tspo_core.data.subsets import subset
 from tspo_core.errors import DataError
-from tspo_core.evaluate import aggregate, average_metrics, checkpoint_for, evaluate_dataset, markdown_table, \
-    read_results, run_evaluate, score_rollout, subset
+from tspo_core.evaluate import aggregate, average_metrics, evaluate_dataset, markdown_table, read_results, \
+    run_evaluate, score_rollout
+from tspo_core.layout import checkpoint_for
 from tspo_core.metrics import contains_answer
 from tspo_core.policy import build_tiny_model
 

@@ -13,8 +13,9 @@ import torch
 
 from tspo_core.config import dump_params, load_params
 from tspo_core.data.build import build_datasets
-from tspo_core.evaluate import checkpoint_for, run_evaluate
+from tspo_core.evaluate import run_evaluate
 from tspo_core.io import write_jsonl
+from tspo_core.layout import checkpoint_for
 from tspo_core.pipeline import load_split
 from tspo_core.report import build_report, read_eval_metrics, read_histories
 from tspo_core.retrieval.index import build_index

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from tspo_core.agent.rewards import CATEGORIES, category, first_occurrence_turn
-from tspo_core.config import FAMILIES, PathsConfig
+from tspo_core.config import FAMILIES
 from tspo_core.data.schema import QAExample
-from tspo_core.errors import ConfigError, DataError
+from tspo_core.data.subsets import subset
+from tspo_core.errors import DataError
 from tspo_core.io import write_json, write_jsonl, write_text
+from tspo_core.layout import check_run_name
 from tspo_core.metrics import DEFAULT_NORMALIZATION, cover_exact_match, exact_match, f1_score
 from tspo_core.runinfo import environment
 
@@ -49,7 +50,6 @@ RUN_ORDER: tuple[str, ...] = ("sft", "grpo", "grpo_folr", "tspo")
 """Table row order for the known runs; other runs follow alphabetically."""
 
 FINGERPRINT_FILE = "fingerprint.json"
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,28 +136,6 @@ def average_metrics(per_dataset: Mapping[str, Mapping[str, float | int]]) -> dic
     k = len(per_dataset)
     avg: dict[str, float | int] = {key: sum(float(m[key]) for m in per_dataset.values()) / k for key in keys}
     return {"n": sum(int(m["n"]) for m in per_dataset.values()), "datasets": k, **avg}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# subsets
-# ----------------------------------------------------------------------------------------------------------------
-def _subset_key(seed: int, example_id: str) -> str:
-    return hashlib.sha256(f"{seed}\x00{example_id}".encode()).hexdigest()
-
-
-def subset(examples: Sequence[QAExample], size: int | None, seed: int) -> list[QAExample]:
-    """A fixed-seed subset of `size` examples (None or size >= len: all), in the input order.
-
-    Examples are ranked by a hash of (seed, id) and the first `size` kept, so the choice depends only on the ids:
-    it is the same across runs, machines and Python versions, unaffected by file order, and the subset of size n is
-    contained in the subset of any larger size (a bigger evaluation reuses the finished rows).
-    """
-    if size is None or size >= len(examples):
-        return list(examples)
-    if size < 0:
-        raise ValueError(f"subset: size must be >= 0 or None, got {size}")
-    chosen = set(sorted(range(len(examples)), key=lambda i: (_subset_key(seed, examples[i].id), i))[:size])
-    return [ex for i, ex in enumerate(examples) if i in chosen]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,17 +287,6 @@ def markdown_table(metrics_by_run: Mapping[str, Mapping[str, Any]], metric: str 
 # ----------------------------------------------------------------------------------------------------------------
 # stage driver
 # ----------------------------------------------------------------------------------------------------------------
-def checkpoint_for(paths: PathsConfig, run: str) -> Path:
-    """The checkpoint a run evaluates: `sft` -> `paths.sft_dir`, any RL run -> `<paths.rl_dir>/<run>/model`."""
-    check_run_name(run)
-    return Path(paths.sft_dir) if run == "sft" else Path(paths.rl_dir) / run / "model"
-
-
-def check_run_name(run: str) -> None:
-    if not _RUN_NAME.match(run):
-        raise ConfigError(f"run name {run!r}: use letters, digits, '_', '-', '.' (it names files and directories)")
-
-
 def find_split(data_dir: str | Path, name: str, split: str) -> str | None:
     """The first of `split`, test, dev with a non-empty `data_dir/<name>/<split>.jsonl`; None when there is none."""
     for s in dict.fromkeys((split, *SPLIT_FALLBACKS)):

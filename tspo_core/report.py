@@ -22,13 +22,10 @@ from tspo_core.config import FAMILIES
 from tspo_core.errors import DataError
 from tspo_core.evaluate import markdown_table, ordered_runs, run_label
 from tspo_core.io import atomic_open, write_text
+from tspo_core.layout import FIGURES, REPORT_NAME
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "report.md"
-FIGURES: tuple[str, ...] = ("eval_categories.png", "training_curves.png", "zero_variance.png",
-                            "training_categories.png")
-"""The PNG figures `build_report` writes beside the report (each only when it has something to draw)."""
 CURVE_KEYS: tuple[str, ...] = ("reward_mean", "em", "zero_var_share_o", "zero_var_share_s")
 """Panels of `training_curves.png`, in order; a `dev_em` panel (greedy dev EM, `train.eval_every`) comes first
 when some history has it."""

@@ -110,7 +110,8 @@ def _complete_rows(run_dir: Path) -> int:
 
 def test_evaluate_killed_mid_run_resumes_without_duplicated_or_lost_rows(work: Work, tmp_path):
     from tspo_core.config import params_from_dict
-    from tspo_core.evaluate import checkpoint_for, run_evaluate
+    from tspo_core.evaluate import run_evaluate
+    from tspo_core.layout import checkpoint_for
 
     work.set(**{"eval.batch_size": 1, "eval.subset_size": 4})  # one row appended per question
     ref_params = params_from_dict(_redirect(work.raw, tmp_path / "ref", "eval_dir", "metrics_dir"))

@@ -537,7 +537,7 @@ def greedy_dev_em(engine: RolloutEngine, dev_sets: Mapping[str, Sequence[QAExamp
 def dev_subsets(params) -> dict[str, list[QAExample]]:
     """`train.eval_questions` fixed-seed dev questions of each of `eval.datasets` that has a dev split (the test
     split is never looked at during training); a warning names the datasets without one."""
-    from tspo_core.evaluate import subset
+    from tspo_core.data.subsets import subset
     from tspo_core.pipeline import load_split
 
     out, missing = {}, []
