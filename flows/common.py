@@ -63,6 +63,10 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+STAGES = ("data", "index", "sft", "train", "evaluate", "report")
+"""The stage flows (their Prefect names), each with its inputs and outputs in `stage_paths`."""
+
+
 def stage_paths(stage: str, params: Params, params_path: str | Path, options: Mapping[str, Any]
                 ) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
     """(inputs, outputs) of a stage as (params key or option, path) pairs: what it reads and what it replaces
@@ -121,8 +125,8 @@ def stage_paths(stage: str, params: Params, params_path: str | Path, options: Ma
 
 def check_inputs(params_path: str | Path, options: Mapping[str, Any], stage: str | None = None) -> Params:
     """What can be checked before a flow run starts: the params file, the CLI options that name registry entries
-    (`--estimator`) or directories (`--run`), and (given the `stage`) that its outputs are disjoint from its inputs
-    and from each other (`tspo_core.io.check_disjoint`). Raises `ConfigError` naming the file, key or option."""
+    (`--estimator`) or directories (`--run`), and (for one of `STAGES`) that the stage's outputs are disjoint from
+    its inputs and from each other (`tspo_core.io.check_disjoint`). Raises `ConfigError` naming the file, key or option."""
     params = load_params(params_path)
     estimator = options.get("estimator")
     if estimator is not None:
@@ -137,7 +141,7 @@ def check_inputs(params_path: str | Path, options: Mapping[str, Any], stage: str
         check_run_name(run)
     if stage == "train":
         check_rl_rollout(params.rollout)
-    if stage is not None:
+    if stage in STAGES:  # (the `pipeline` CLI runs DVC, which runs the stages: they check their own paths)
         check_disjoint(*stage_paths(stage, params, params_path, options))
     return params
 

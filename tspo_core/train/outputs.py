@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tspo_core.io import PENDING_DIR, finish_pending, pending_file, replace_dir, restore_interrupted_swap, scalar_columns, \
-    write_csv, write_json, write_jsonl
+from tspo_core.io import (PENDING_DIR, finish_pending, pending_file, replace_dir, restore_interrupted_swap,
+                          scalar_columns, write_csv, write_json, write_jsonl)
 
 SUMMARY_KEYS = ("reward_mean", "em", "folr_share", "zero_var_share_o", "zero_var_share_s", "kl", "entropy")
 """Per-step metrics averaged over the last 20% of the steps in `train_<estimator>.json`."""
