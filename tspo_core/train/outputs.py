@@ -24,6 +24,7 @@ from typing import Any
 
 from tspo_core.io import (PENDING_DIR, finish_pending, pending_file, replace_dir, restore_interrupted_swap,
                           scalar_columns, write_csv, write_json, write_jsonl)
+from tspo_core.runinfo import environment
 
 SUMMARY_KEYS = ("reward_mean", "em", "folr_share", "zero_var_share_o", "zero_var_share_s", "kl", "entropy")
 """Per-step metrics averaged over the last 20% of the steps in `train_<estimator>.json`."""
@@ -68,7 +69,8 @@ def stage_history(run_dir: str | Path, metrics_dir: str | Path, estimator: str,
     jsonl, csv, summary = history_paths(metrics_dir, estimator)
     write_history(pending_file(run_dir, jsonl), pending_file(run_dir, csv), history)
     if final:
-        write_json(pending_file(run_dir, summary), training_summary(history, estimator))
+        write_json(pending_file(run_dir, summary),
+                   {**training_summary(history, estimator), "meta": {"environment": environment()}})
 
 
 def discard_pending(run_dir: str | Path) -> None:
