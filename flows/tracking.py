@@ -251,9 +251,29 @@ def _files(path: Path) -> list[Path]:
     return sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
 
 
+def entry_name(path: str, root: Path) -> str:
+    """The name a referenced path has inside its artifact. W&B accepts only relative names without `..`
+    (`Invalid artifact path` otherwise): a project-relative path keeps its spelling; an absolute path, or one that
+    leaves the project, is named after where it resolves to: relative to the project when inside it, else under
+    `external/` (`/models/x` -> `external/models/x`)."""
+    pure = Path(path)
+    if not pure.is_absolute() and ".." not in pure.parts:
+        return pure.as_posix()
+    resolved = (root / pure).resolve()
+    base = root.resolve()
+    if resolved.is_relative_to(base) and resolved != base:
+        return resolved.relative_to(base).as_posix()
+    return "external/" + resolved.relative_to(resolved.anchor).as_posix()
+
+
+def sync_command(sync_dir: str | Path) -> str:
+    """The command that uploads an offline run (wandb >= 0.30: `wandb sync PATH`; `--sync-all` was removed)."""
+    return f"wandb sync {sync_dir}"
+
+
 def build_artifact(wandb: Any, spec: ArtifactSpec, root: Path, stage: str) -> Any | None:
     """A reference artifact for `spec` (None, with a warning, when none of its paths exists)."""
-    present = [(rel, (root / rel).resolve()) for rel in spec.paths if (root / rel).exists()]
+    present = [(entry_name(rel, root), (root / rel).resolve()) for rel in spec.paths if (root / rel).exists()]
     if not present:
         warn(f"{stage}: {spec.name}: none of {list(spec.paths)} exists; not tracked")
         return None
@@ -425,7 +445,7 @@ def _track(stage: str, params: Any, options: Mapping[str, Any], mode: str, root:
         sync_dir = run.settings.sync_dir
         run.finish(exit_code=1 if failed else 0)
         if offline:
-            print(f"W&B: offline run of {stage} saved in {sync_dir}; upload it with `wandb sync {sync_dir}` "
-                  f"(or `wandb sync --sync-all` in {wandb_dir})", file=sys.stderr)
+            print(f"W&B: offline run of {stage} saved in {sync_dir}; upload it with `{sync_command(sync_dir)}` "
+                  f"(every offline run not yet uploaded: `{sync_command(wandb_dir / 'wandb')}`)", file=sys.stderr)
     return run
 

@@ -425,3 +425,54 @@ def test_online_unreachable_server_falls_back_in_bounded_time(wandb_env: Path, m
     err = capsys.readouterr().err
     assert run is not None and "online init failed within 3 s" in err and "logging offline instead" in err
     assert _offline_run(wandb_env)["logged"].keys() == {"tspo-index"}
+
+
+@pytest.mark.parametrize(("path", "name"), [
+    ("artifacts/rl/tspo", "artifacts/rl/tspo"), ("metrics/eval_x.json", "metrics/eval_x.json"),
+    ("/models/x", "external/models/x"), ("../outside/ckpt", None), ("{root}/artifacts/sft", "artifacts/sft"),
+])
+def test_entry_names_are_relative(tmp_path: Path, path: str, name: str | None) -> None:
+    from wandb.sdk.lib.paths import validate_relpath  # what W&B checks: "Invalid artifact path" otherwise
+
+    root = tmp_path / "proj"
+    got = tracking.entry_name(path.format(root=root), root)
+    assert got == (name or "external/" + (tmp_path / "outside/ckpt").relative_to("/").as_posix())
+    assert validate_relpath(got) == got
+
+
+def test_offline_absolute_paths_and_the_printed_sync_command(wandb_env: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint outside the project (`evaluate --checkpoint /abs/dir`) and absolute params paths are logged
+    without a warning; the printed `wandb sync` commands are accepted by the installed wandb CLI (dry run, no
+    network) and find the run."""
+    import subprocess
+
+    _project(wandb_env)
+    ckpt = tmp_path / "elsewhere" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_text("m")
+    params = _params(wandb_env)
+    raw = yaml.safe_load(params.read_text())
+    raw["paths"] = {"data_dir": str(wandb_env / "data"), "index_dir": str(wandb_env / "artifacts/index"),
+                    "eval_dir": str(wandb_env / "artifacts/eval"), "metrics_dir": str(wandb_env / "metrics")}
+    params.write_text(yaml.safe_dump(raw))
+    run = tracking.track_stage("evaluate", params, {"run": "tspo", "checkpoint": str(ckpt)})
+    assert run is not None
+    err = capsys.readouterr().err
+    assert "warning" not in err and "Invalid" not in err, err
+    got = _offline_run(wandb_env)
+    assert [n for n, _ in got["used"]] == ["tspo-data", "tspo-index", "tspo-checkpoint-tspo"]
+    (ck,) = [a for a in got["artifacts"] if a.name == "tspo-checkpoint-tspo"]
+    assert [e.path for e in ck.manifest.contents] == [
+        f"external/{(ckpt / 'model.safetensors').relative_to('/').as_posix()}"]
+    assert {e.path for e in got["logged"]["tspo-eval-tspo"].manifest.contents} == {
+        "artifacts/eval/tspo/nq.jsonl", "metrics/eval_tspo.json"}
+    commands = [c.split("`")[0] for c in err.split("`wandb sync ")[1:]]
+    assert commands == [str(got["dir"]), str(wandb_env / "wandb")] and "--sync-all" not in err
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    for target in commands:
+        out = subprocess.run([str(wandb_cli), "sync", "--dry-run", target], capture_output=True, text=True,
+                             timeout=60, cwd=wandb_env)
+        assert out.returncode == 0, out.stderr
+        said = out.stdout + out.stderr
+        assert "Would sync 1 run(s)" in said and f"run-{got['dir'].name.rsplit('-', 1)[1]}.wandb" in said, said
