@@ -481,3 +481,42 @@ def build_report(eval_metrics: Mapping[str, Mapping[str, Any]],
     path = out_dir / REPORT_NAME
     write_text(path, "\n".join(md))
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the end-of-run summary (`make repro`)
+# ----------------------------------------------------------------------------------------------------------------
+EM_TABLE_HEADING = "## Exact match on the seven datasets"
+
+
+def em_table_from_report(text: str) -> str | None:
+    """The EM table (runs x seven datasets + Avg.) of a `report.md`, bold marks removed; None when it has none."""
+    lines = text.splitlines()
+    try:
+        start = lines.index(EM_TABLE_HEADING) + 1
+    except ValueError:
+        return None
+    table: list[str] = []
+    for line in lines[start:]:
+        if line.startswith("|"):
+            table.append(line.replace("**", ""))
+        elif table:
+            break
+    return "\n".join(table) or None
+
+
+def repro_summary(report_dir: str | Path, plots_page: str | Path = "dvc_plots/index.html") -> str:
+    """A few lines for the end of `make repro`: the EM table of the report, then where the report, its figures and
+    the `dvc plots` page are (a missing file is said to be missing, with the command that makes it)."""
+    report_dir, plots_page = Path(report_dir), Path(plots_page)
+    report = report_dir / REPORT_NAME
+    if not report.is_file():
+        return f"no report at {report} (the report stage has not run: `dvc repro report`)"
+    table = em_table_from_report(report.read_text(encoding="utf-8"))
+    figures = [str(report_dir / f) for f in FIGURES if (report_dir / f).is_file()]
+    out = ["Exact match (EM) on the seven datasets, from the report:", "", table or "(the report has no EM table)",
+           "", f"report:     {report}",
+           f"figures:    {', '.join(figures) if figures else '(none drawn)'}",
+           f"plots page: {plots_page}" if plots_page.is_file()
+           else f"plots page: {plots_page} (not built: `make plots`)"]
+    return "\n".join(out)
