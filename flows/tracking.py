@@ -55,7 +55,7 @@ class StageIO:
     inputs: tuple[ArtifactSpec, ...]
     outputs: tuple[ArtifactSpec, ...]
     metrics: tuple[str, ...] = ()
-    """JSON files logged as the run summary."""
+    """JSON files logged as the run summary (the full records under `<metrics_dir>/detail/`)."""
     history: str | None = None
     """JSON-lines per-step history logged with `wandb.log(record, step=record["step"])`."""
 
@@ -100,8 +100,14 @@ def history_artifact(p: Any, estimator: str) -> ArtifactSpec:
     return ArtifactSpec(f"tspo-history-{estimator}", "history", (_join(p.metrics_dir, f"train_{estimator}.jsonl"),))
 
 
+def _detail(p: Any, name: str) -> str:
+    """`detail/<name>` of the metrics dir: the full record beside a declared metric (`tspo_core.layout`)."""
+    return _join(p.metrics_dir, "detail", name)
+
+
 def eval_artifact(p: Any, run: str) -> ArtifactSpec:
-    return ArtifactSpec(f"tspo-eval-{run}", "eval", (_join(p.eval_dir, run), _join(p.metrics_dir, f"eval_{run}.json")))
+    return ArtifactSpec(f"tspo-eval-{run}", "eval", (_join(p.eval_dir, run), _join(p.metrics_dir, f"eval_{run}.json"),
+                                                     _detail(p, f"eval_{run}.json")))
 
 
 def model_artifact(p: Any, run: str) -> ArtifactSpec:
@@ -119,19 +125,19 @@ def stage_io(stage: str, paths: Any, eval_runs: Iterable[str] = DEFAULT_EVAL_RUN
     if base == "data":
         return StageIO(stage, (), (data_artifact(p),))
     if base == "index":
-        return StageIO(stage, (data_artifact(p),), (index_artifact(p),), (_join(m, "index.json"),))
+        return StageIO(stage, (data_artifact(p),), (index_artifact(p),), (_detail(p, "index.json"),))
     if base == "sft":
-        return StageIO(stage, (data_artifact(p), index_artifact(p)), (sft_artifact(p),), (_join(m, "sft.json"),),
+        return StageIO(stage, (data_artifact(p), index_artifact(p)), (sft_artifact(p),), (_detail(p, "sft.json"),),
                        _join(m, "sft_curve.jsonl"))
     if base == "train" and item:
         return StageIO(stage, (data_artifact(p), index_artifact(p), sft_artifact(p)),
-                       (rl_artifact(p, item), history_artifact(p, item)), (_join(m, f"train_{item}.json"),),
+                       (rl_artifact(p, item), history_artifact(p, item)), (_detail(p, f"train_{item}.json"),),
                        _join(m, f"train_{item}.jsonl"))
     if base == "evaluate" and item:
         model = (ArtifactSpec(f"tspo-checkpoint-{item}", "model", (checkpoint,)) if checkpoint
                  else model_artifact(p, item))
         return StageIO(stage, (data_artifact(p), index_artifact(p), model), (eval_artifact(p, item),),
-                       (_join(m, f"eval_{item}.json"),))
+                       (_detail(p, f"eval_{item}.json"),))
     if base == "report":
         inputs = tuple(eval_artifact(p, r) for r in eval_runs) + tuple(history_artifact(p, e) for e in estimators)
         return StageIO(stage, inputs, (ArtifactSpec("tspo-report", "report", (p.report_dir,)),))

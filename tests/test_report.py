@@ -120,9 +120,12 @@ def test_series_helpers():
 
 
 def test_readers(tmp_path):
-    (tmp_path / "eval_tspo.json").write_text(json.dumps(_eval("tspo", 0.3)), encoding="utf-8")
-    (tmp_path / "eval_sft.json").write_text(json.dumps(_eval("sft", 0.2)), encoding="utf-8")
-    (tmp_path / "index.json").write_text("{}", encoding="utf-8")
+    detail = tmp_path / "detail"  # the full evaluation metrics; the DVC metrics beside them are not read
+    detail.mkdir()
+    (detail / "eval_tspo.json").write_text(json.dumps(_eval("tspo", 0.3)), encoding="utf-8")
+    (detail / "eval_sft.json").write_text(json.dumps(_eval("sft", 0.2)), encoding="utf-8")
+    (detail / "index.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "eval_grpo.json").write_text(json.dumps({"em": 0.1}), encoding="utf-8")
     assert sorted(read_eval_metrics(tmp_path)) == ["sft", "tspo"]
     # a history still being written: the unfinished last record is dropped
     (tmp_path / "train_grpo.jsonl").write_text('{"step": 1, "em": 0.1}\n\n{"step": 2, "em": 0.2}\n{"step": 3, "e',
@@ -132,7 +135,7 @@ def test_readers(tmp_path):
     bad.write_text('{"step": 1}\n{oops\n{"step": 3}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl:2"):
         read_history(bad)
-    (tmp_path / "eval_broken.json").write_text('{"datasets": {}}', encoding="utf-8")
+    (detail / "eval_broken.json").write_text('{"datasets": {}}', encoding="utf-8")
     with pytest.raises(DataError, match="eval_broken.json"):
         read_eval_metrics(tmp_path)
 

@@ -92,7 +92,8 @@ def test_params_paths_win_over_dvc_yaml_literals() -> None:
                         metrics_dir="runs/t/metrics", eval_dir="runs/t/eval", report_dir="runs/t/reports")
     io = stage_io("evaluate@grpo", paths)
     assert [a.paths for a in io.inputs] == [("runs/t/data",), ("runs/t/index",), ("runs/t/rl/grpo",)]
-    assert io.outputs[0].paths == ("runs/t/eval/grpo", "runs/t/metrics/eval_grpo.json")
+    assert io.outputs[0].paths == ("runs/t/eval/grpo", "runs/t/metrics/eval_grpo.json",
+                                   "runs/t/metrics/detail/eval_grpo.json")
     assert cross_check("evaluate@grpo", io, DVC)  # reported (as a note), not an error
     io = stage_io("evaluate@x", paths, checkpoint="/models/x")
     assert io.inputs[-1] == ArtifactSpec("tspo-checkpoint-x", "model", ("/models/x",))
@@ -126,12 +127,16 @@ def _project(root: Path) -> None:
         "artifacts/index/index.bm25": "x", "artifacts/sft/model.safetensors": "sft",
         "artifacts/rl/tspo/model/model.safetensors": "rl", "artifacts/eval/tspo/nq.jsonl": "{}\n",
         "metrics/index.json": json.dumps({"passages": 3}),
-        "metrics/train_tspo.json": json.dumps({"estimator": "tspo", "steps": 3, "em_last20pct": 0.5}),
+        "metrics/detail/index.json": json.dumps({"passages": 3, "build_seconds": 0.1}),
+        "metrics/train_tspo.json": json.dumps({"steps": 3, "em": 0.5}),
+        "metrics/detail/train_tspo.json": json.dumps({"estimator": "tspo", "steps": 3, "em_last20pct": 0.5}),
         "metrics/train_tspo.jsonl": "".join(json.dumps({"step": s, "em": s / 10, "reward_mean": 0.1 * s,
                                                         "per_family": {"nq": 0.2}, "tags": ["a"]}) + "\n"
                                             for s in (1, 2, 3)),
-        "metrics/eval_tspo.json": json.dumps({"datasets": {"nq": {"n": 2, "em": 0.5}, "popqa": {"n": 2, "em": 0.0}},
-                                              "average": {"n": 4, "em": 0.25}, "meta": {"skipped": []}}),
+        "metrics/eval_tspo.json": json.dumps({"em": 0.25, "nq": 0.5, "popqa": 0.0}),
+        "metrics/detail/eval_tspo.json": json.dumps({"datasets": {"nq": {"n": 2, "em": 0.5},
+                                                                  "popqa": {"n": 2, "em": 0.0}},
+                                                     "average": {"n": 4, "em": 0.25}, "meta": {"skipped": []}}),
     }
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -257,8 +262,8 @@ def test_call_sequence_evaluate_table(wandb_env: Path, monkeypatch: pytest.Monke
     (table,) = [c[1]["eval/per_dataset"] for c in rec.calls if c[0] == "log"]
     assert table == ("table", ["dataset", "n", "em"], [["nq", 2, 0.5], ["popqa", 2, 0.0], ["average", 4, 0.25]])
     (art,) = [c for c in rec.calls if c[0] == "log_artifact"]
-    assert art[1:3] == ("tspo-eval-tspo", "eval") and [r[1] for r in art[3]] == ["artifacts/eval/tspo",
-                                                                                   "metrics/eval_tspo.json"]
+    assert art[1:3] == ("tspo-eval-tspo", "eval") and [r[1] for r in art[3]] == [
+        "artifacts/eval/tspo", "metrics/eval_tspo.json", "metrics/detail/eval_tspo.json"]
 
 
 def test_failures_are_warnings(wandb_env: Path, monkeypatch: pytest.MonkeyPatch,
@@ -466,7 +471,7 @@ def test_offline_absolute_paths_and_the_printed_sync_command(wandb_env: Path, tm
     assert [e.path for e in ck.manifest.contents] == [
         f"external/{(ckpt / 'model.safetensors').relative_to('/').as_posix()}"]
     assert {e.path for e in got["logged"]["tspo-eval-tspo"].manifest.contents} == {
-        "artifacts/eval/tspo/nq.jsonl", "metrics/eval_tspo.json"}
+        "artifacts/eval/tspo/nq.jsonl", "metrics/eval_tspo.json", "metrics/detail/eval_tspo.json"}
     commands = [c.split("`")[0] for c in err.split("`wandb sync ")[1:]]
     assert commands == [str(got["dir"]), str(wandb_env / "wandb")] and "--sync-all" not in err
     wandb_cli = Path(sys.executable).with_name("wandb")
