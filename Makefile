@@ -41,9 +41,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# after `dvc repro`: the plots page (offline when the template was built), then a short summary (the report's EM
+# table and where the report, figures and plots page are; scripts/repro_summary.py)
 repro: $(STAMP)
 	$(TRY_PLOTS_TEMPLATE)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+	@if [ -f $(PLOTS_TEMPLATE) ]; then $(BIN)/dvc plots show -q --html-template $(PLOTS_TEMPLATE); \
+		else $(BIN)/dvc plots show -q; fi || echo "note: dvc plots show failed (reason above)"
+	@echo
+	@$(BIN)/python scripts/repro_summary.py --params params.yaml
 
 plots-template: $(PLOTS_TEMPLATE)
 

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tspo_core.config import Params, check_rl_rollout, dump_params, load_params
 from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import check_disjoint, write_text
+from tspo_core.layout import DETAIL_DIR, detail_path
 
 
 def load(params_path: str | Path) -> Params:
@@ -91,17 +92,20 @@ def stage_paths(stage: str, params: Params, params_path: str | Path, options: Ma
     inputs += [("paths.data_dir", Path(p.data_dir))]
     if stage == "index":
         return (inputs + local("index.encoder", params.index.encoder),
-                [("paths.index_dir", Path(p.index_dir)), ("paths.metrics_dir", metrics / "index.json")])
+                [("paths.index_dir", Path(p.index_dir)), ("paths.metrics_dir", metrics / "index.json"),
+                 ("paths.metrics_dir", detail_path(metrics / "index.json"))])
     if stage == "sft":
         inputs += retrieval + local("model.name_or_path", params.model.name_or_path)
         inputs += [("sft.trajectories", Path(params.sft.trajectories))] if params.sft.trajectories else []
         return inputs, [("paths.sft_dir", Path(p.sft_dir))] + [
-            ("paths.metrics_dir", metrics / name) for name in ("sft.json", "sft_curve.jsonl", "sft_curve.csv")]
+            ("paths.metrics_dir", metrics / name) for name in ("sft.json", "sft_curve.jsonl", "sft_curve.csv")] + [
+            ("paths.metrics_dir", detail_path(metrics / "sft.json"))]
     if stage == "train":
         est = options.get("estimator") or "tspo"
         inputs += retrieval + [("paths.sft_dir", Path(p.sft_dir))]
         return inputs, [("paths.rl_dir", Path(p.rl_dir) / est)] + [
-            ("paths.metrics_dir", metrics / f"train_{est}{ext}") for ext in (".jsonl", ".csv", ".json")]
+            ("paths.metrics_dir", metrics / f"train_{est}{ext}") for ext in (".jsonl", ".csv", ".json")] + [
+            ("paths.metrics_dir", detail_path(metrics / f"train_{est}.json"))]
     if stage == "evaluate":
         from tspo_core.layout import checkpoint_for
 
@@ -112,11 +116,12 @@ def stage_paths(stage: str, params: Params, params_path: str | Path, options: Ma
         else:
             inputs += [("paths.sft_dir" if run == "sft" else "paths.rl_dir", checkpoint_for(p, run))]
         return inputs + retrieval, [("paths.eval_dir", Path(p.eval_dir) / run),
-                                    ("paths.metrics_dir", metrics / f"eval_{run}.json")]
+                                    ("paths.metrics_dir", metrics / f"eval_{run}.json"),
+                                    ("paths.metrics_dir", detail_path(metrics / f"eval_{run}.json"))]
     if stage == "report":
         from tspo_core.layout import FIGURES, REPORT_NAME
 
-        read = sorted([*metrics.glob("eval_*.json"), *metrics.glob("train_*.jsonl")])
+        read = sorted([*(metrics / DETAIL_DIR).glob("eval_*.json"), *metrics.glob("train_*.jsonl")])
         return ([inputs[0], *(("paths.metrics_dir", f) for f in read)],
                 [("paths.report_dir", Path(p.report_dir) / name)
                  for name in (REPORT_NAME, "params.resolved.yaml", *FIGURES)])

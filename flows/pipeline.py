@@ -258,12 +258,14 @@ def read_metric_rows(metrics_dir: Path) -> tuple[list[dict], list[dict], list[st
     train_rows: list[dict] = []
     problems: list[str] = []
     for path in sorted(metrics_dir.glob("eval_*.json")):
-        try:
+        try:  # the DVC metric: average em/f1/cover_em and the EM of each dataset under its name
             m = json.loads(path.read_text(encoding="utf-8"))
-            avg = m["average"]
+            if "em" not in m:
+                raise KeyError("em")
             row: dict[str, Any] = {"run": path.stem[len("eval_"):]}
-            row.update({f"avg_{k}": avg[k] for k in ("em", "f1", "cover_em") if k in avg})
-            row.update({f"em_{name}": d["em"] for name, d in m["datasets"].items() if "em" in d})
+            row.update({f"avg_{k}": m[k] for k in ("em", "f1", "cover_em") if k in m})
+            row.update({f"em_{name}": v for name, v in m.items() if name not in ("em", "f1", "cover_em")
+                        and _scalar(v)})
             eval_rows.append(row)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             problems.append(f"{path.name}: not an evaluation metrics file ({type(err).__name__}: {err})")

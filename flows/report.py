@@ -1,6 +1,6 @@
 """Stage `report`: the SFT / GRPO / TSPO comparison (seven-dataset EM table, secondary metrics, training curves).
 
-Reads `<paths.metrics_dir>/eval_<run>.json` and `<paths.metrics_dir>/train_<estimator>.jsonl`; writes
+Reads `<paths.metrics_dir>/detail/eval_<run>.json` and `<paths.metrics_dir>/train_<estimator>.jsonl`; writes
 `<paths.report_dir>/report.md` and its PNG figures; publishes the report as a markdown artifact.
 """
 
@@ -21,7 +21,8 @@ def read_inputs(params_path: str) -> tuple[dict, dict]:
     metrics_dir = Path(load(params_path).paths.metrics_dir)
     evals = read_eval_metrics(metrics_dir)
     if not evals:
-        raise DataError("no evaluation metrics (eval_<run>.json): run the evaluate stage first", str(metrics_dir))
+        raise DataError("no evaluation metrics (detail/eval_<run>.json): run the evaluate stage first",
+                        str(metrics_dir))
     return evals, read_histories(metrics_dir)
 
 

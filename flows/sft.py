@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from flows.common import load, main, publish
 from tspo_core.io import write_csv, write_json, write_jsonl
-from tspo_core.train.sft import run_sft
+from tspo_core.layout import detail_path
+from tspo_core.train.sft import compact_summary, run_sft
 
 SFT_CURVE_COLUMNS = ("step", "loss", "obs_loss", "token_acc", "lr")
 """Columns of `metrics/sft_curve.{jsonl,csv}` (obs_loss is empty/null when `sft.obs_loss_weight` is 0)."""
@@ -35,7 +36,8 @@ def sft_flow(params_path: str = "params.yaml") -> dict:
     result = sft(params_path)
     params = load(params_path)
     metrics_dir = Path(params.paths.metrics_dir)
-    write_json(metrics_dir / "sft.json", result["summary"])
+    write_json(detail_path(metrics_dir / "sft.json"), result["summary"])  # timings and environment included
+    write_json(metrics_dir / "sft.json", compact_summary(result["summary"]))
     curve = [{"step": h["step"], "loss": h["loss"], "obs_loss": h.get("obs_loss"), "token_acc": h["token_acc"],
               "lr": h["lr"]} for h in result["history"]]
     write_jsonl(metrics_dir / "sft_curve.jsonl", curve)

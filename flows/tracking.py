@@ -55,7 +55,7 @@ class StageIO:
     inputs: tuple[ArtifactSpec, ...]
     outputs: tuple[ArtifactSpec, ...]
     metrics: tuple[str, ...] = ()
-    """JSON files logged as the run summary."""
+    """JSON files logged as the run summary (the full records under `<metrics_dir>/detail/`)."""
     history: str | None = None
     """JSON-lines per-step history logged with `wandb.log(record, step=record["step"])`."""
 
@@ -100,8 +100,14 @@ def history_artifact(p: Any, estimator: str) -> ArtifactSpec:
     return ArtifactSpec(f"tspo-history-{estimator}", "history", (_join(p.metrics_dir, f"train_{estimator}.jsonl"),))
 
 
+def _detail(p: Any, name: str) -> str:
+    """`detail/<name>` of the metrics dir: the full record beside a declared metric (`tspo_core.layout`)."""
+    return _join(p.metrics_dir, "detail", name)
+
+
 def eval_artifact(p: Any, run: str) -> ArtifactSpec:
-    return ArtifactSpec(f"tspo-eval-{run}", "eval", (_join(p.eval_dir, run), _join(p.metrics_dir, f"eval_{run}.json")))
+    return ArtifactSpec(f"tspo-eval-{run}", "eval", (_join(p.eval_dir, run), _join(p.metrics_dir, f"eval_{run}.json"),
+                                                     _detail(p, f"eval_{run}.json")))
 
 
 def model_artifact(p: Any, run: str) -> ArtifactSpec:
@@ -119,19 +125,19 @@ def stage_io(stage: str, paths: Any, eval_runs: Iterable[str] = DEFAULT_EVAL_RUN
     if base == "data":
         return StageIO(stage, (), (data_artifact(p),))
     if base == "index":
-        return StageIO(stage, (data_artifact(p),), (index_artifact(p),), (_join(m, "index.json"),))
+        return StageIO(stage, (data_artifact(p),), (index_artifact(p),), (_detail(p, "index.json"),))
     if base == "sft":
-        return StageIO(stage, (data_artifact(p), index_artifact(p)), (sft_artifact(p),), (_join(m, "sft.json"),),
+        return StageIO(stage, (data_artifact(p), index_artifact(p)), (sft_artifact(p),), (_detail(p, "sft.json"),),
                        _join(m, "sft_curve.jsonl"))
     if base == "train" and item:
         return StageIO(stage, (data_artifact(p), index_artifact(p), sft_artifact(p)),
-                       (rl_artifact(p, item), history_artifact(p, item)), (_join(m, f"train_{item}.json"),),
+                       (rl_artifact(p, item), history_artifact(p, item)), (_detail(p, f"train_{item}.json"),),
                        _join(m, f"train_{item}.jsonl"))
     if base == "evaluate" and item:
         model = (ArtifactSpec(f"tspo-checkpoint-{item}", "model", (checkpoint,)) if checkpoint
                  else model_artifact(p, item))
         return StageIO(stage, (data_artifact(p), index_artifact(p), model), (eval_artifact(p, item),),
-                       (_join(m, f"eval_{item}.json"),))
+                       (_detail(p, f"eval_{item}.json"),))
     if base == "report":
         inputs = tuple(eval_artifact(p, r) for r in eval_runs) + tuple(history_artifact(p, e) for e in estimators)
         return StageIO(stage, inputs, (ArtifactSpec("tspo-report", "report", (p.report_dir,)),))
@@ -251,9 +257,29 @@ def _files(path: Path) -> list[Path]:
     return sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
 
 
+def entry_name(path: str, root: Path) -> str:
+    """The name a referenced path has inside its artifact. W&B accepts only relative names without `..`
+    (`Invalid artifact path` otherwise): a project-relative path keeps its spelling; an absolute path, or one that
+    leaves the project, is named after where it resolves to: relative to the project when inside it, else under
+    `external/` (`/models/x` -> `external/models/x`)."""
+    pure = Path(path)
+    if not pure.is_absolute() and ".." not in pure.parts:
+        return pure.as_posix()
+    resolved = (root / pure).resolve()
+    base = root.resolve()
+    if resolved.is_relative_to(base) and resolved != base:
+        return resolved.relative_to(base).as_posix()
+    return "external/" + resolved.relative_to(resolved.anchor).as_posix()
+
+
+def sync_command(sync_dir: str | Path) -> str:
+    """The command that uploads an offline run (wandb >= 0.30: `wandb sync PATH`; `--sync-all` was removed)."""
+    return f"wandb sync {sync_dir}"
+
+
 def build_artifact(wandb: Any, spec: ArtifactSpec, root: Path, stage: str) -> Any | None:
     """A reference artifact for `spec` (None, with a warning, when none of its paths exists)."""
-    present = [(rel, (root / rel).resolve()) for rel in spec.paths if (root / rel).exists()]
+    present = [(entry_name(rel, root), (root / rel).resolve()) for rel in spec.paths if (root / rel).exists()]
     if not present:
         warn(f"{stage}: {spec.name}: none of {list(spec.paths)} exists; not tracked")
         return None
@@ -425,7 +451,7 @@ def _track(stage: str, params: Any, options: Mapping[str, Any], mode: str, root:
         sync_dir = run.settings.sync_dir
         run.finish(exit_code=1 if failed else 0)
         if offline:
-            print(f"W&B: offline run of {stage} saved in {sync_dir}; upload it with `wandb sync {sync_dir}` "
-                  f"(or `wandb sync --sync-all` in {wandb_dir})", file=sys.stderr)
+            print(f"W&B: offline run of {stage} saved in {sync_dir}; upload it with `{sync_command(sync_dir)}` "
+                  f"(every offline run not yet uploaded: `{sync_command(wandb_dir / 'wandb')}`)", file=sys.stderr)
     return run
 

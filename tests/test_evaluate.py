@@ -318,8 +318,13 @@ def test_run_evaluate_writes_metrics_rows_and_table_and_resumes(tmp_path):
         assert 0.0 <= m["em"] <= 1.0
         assert sum(m[c] for c in ("complete_success", "near_miss", "success_without_retrieval",
                                   "complete_failure")) == pytest.approx(1.0)
-    stored = json.loads((tmp_path / "metrics" / "eval_sft.json").read_text())
+    stored = json.loads((tmp_path / "metrics" / "detail" / "eval_sft.json").read_text())
     assert stored["datasets"] == metrics["datasets"] and stored["average"] == metrics["average"]
+    assert stored["meta"]["seconds"] >= 0 and "environment" in stored["meta"]
+    # the DVC metric beside it: the headline only (no timings, no meta)
+    declared = json.loads((tmp_path / "metrics" / "eval_sft.json").read_text())
+    assert declared == {"em": avg["em"], "f1": avg["f1"], "cover_em": avg["cover_em"],
+                        "nq": metrics["datasets"]["nq"]["em"], "hotpotqa": metrics["datasets"]["hotpotqa"]["em"]}
     run_dir = tmp_path / "eval" / "sft"
     nq_file = run_dir / "nq.jsonl"
     assert len(read_results(nq_file)[0]) == 2 and len(read_results(run_dir / "hotpotqa.jsonl")[0]) == 2

@@ -285,6 +285,71 @@ def test_searchr1_file_level_errors(tmp_path):
     _raises_at(load_searchr1_parquet, tmp_path / "missing.parquet", None, "file not found")
 
 
+# the variants of public Search-R1-style files (issue 18): each read as the canonical form would be
+def test_searchr1_integral_float_index(tmp_path):
+    rows = [_row("nq", "train", 0, "first?", ["a"]), _row("nq", "train", 1, "second?", ["b"])]
+    for r, i in zip(rows, (0.0, 7.0)):
+        r["extra_info"]["index"] = i
+    path = _parquet(tmp_path, rows)
+    assert pq.read_schema(path).field("extra_info").type.field("index").type == pa.float64()
+    exs = load_searchr1_parquet(path)
+    assert [e.id for e in exs] == ["nq-train-0", "nq-train-7"] and exs[1].metadata["index"] == 7
+
+
+@pytest.mark.parametrize("index", [0.5, float("nan"), float("inf")])
+def test_searchr1_non_integral_float_index_is_refused(tmp_path, index):
+    rows = [_row("nq", "train", 0.0, "first?", ["a"]), _row("nq", "train", index, "second?", ["b"])]
+    _row_raises(_parquet(tmp_path, rows), 2, "'extra_info.index' must be an integer or a string", str(index))
+
+
+def test_searchr1_string_target_is_one_answer(tmp_path):
+    rows = [_row("nq", "train", 0, "first?", "Oslo"), _row("nq", "train", 1, "second?", "Kristiania")]
+    assert [e.golden_answers for e in load_searchr1_parquet(_parquet(tmp_path, rows))] == [["Oslo"], ["Kristiania"]]
+    rows[1]["reward_model"]["ground_truth"]["target"] = "  "
+    _row_raises(_parquet(tmp_path, rows), 2, "'reward_model.ground_truth.target' is blank")
+
+
+def test_searchr1_reward_model_as_json_string(tmp_path):
+    rows = [_row("nq", "train", 0, "first?", ["a", "b"]), _row("nq", "train", 1, "second?", "c")]
+    for r in rows:
+        r["reward_model"] = json.dumps(r["reward_model"])
+    path = _parquet(tmp_path, rows)
+    assert pq.read_schema(path).field("reward_model").type == pa.string()
+    assert [e.golden_answers for e in load_searchr1_parquet(path)] == [["a", "b"], ["c"]]
+    rows.append(_row("nq", "train", 2, "third?", ["x"], reward_model='{"ground_truth": {"target": '))
+    _row_raises(_parquet(tmp_path, rows), 3, "'reward_model' is a string but not JSON")
+    rows[2]["reward_model"] = json.dumps({"style": "rule"})
+    _row_raises(_parquet(tmp_path, rows), 3, "missing field 'reward_model.ground_truth.target'")
+
+
+def test_searchr1_without_extra_info_column(tmp_path, caplog):
+    rows = [_row("nq", "x", 0, "first?", ["a"]), _row("nq", "x", 0, "second?", ["b"]),
+            _row("hotpotqa", "x", 0, "third?", ["c"])]
+    for r in rows:
+        del r["extra_info"]
+    path = _parquet(tmp_path, rows, "nq_test.parquet")
+    with caplog.at_level("WARNING", logger="tspo_core.data.loaders"):
+        exs = load_searchr1_parquet(path)
+    assert [e.id for e in exs] == ["nq-nq_test-1", "nq-nq_test-2", "hotpotqa-nq_test-3"]
+    assert exs[2].metadata == {"data_source": "hotpotqa", "split": "nq_test", "index": 3, "ability": "fact-reasoning"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "no 'extra_info' column" in warnings[0]
+
+
+@pytest.mark.parametrize("bad, fragments", [
+    ({"prompt": [{"role": "user", "content": "no question marker"}]}, ["no question"]),
+    ({"reward_model": {"style": "rule"}}, ["missing field 'reward_model.ground_truth.target'"]),
+    ({"reward_model": {"ground_truth": {"target": ""}}}, ["'reward_model.ground_truth.target' is blank"]),
+])
+def test_searchr1_variants_still_refuse_rows_without_question_or_answer(tmp_path, bad, fragments):
+    """In a file with every variant (no extra_info, string targets), a row without a question or an answer is
+    refused naming the file, the row and the field."""
+    rows = [_row("nq", "x", 0, "first?", "a"), {**_row("nq", "x", 0, "second?", "b"), **bad}]
+    for r in rows:
+        del r["extra_info"]
+    _row_raises(_parquet(tmp_path, rows), 2, *fragments)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # dispatch / read-only
 # ----------------------------------------------------------------------------------------------------------------

@@ -235,13 +235,15 @@ def test_execute_real_dvc_failure_fails_with_the_stage_output(mini_dvc_project):
 
 
 def test_read_metric_rows_tables_and_problems(tmp_path):
+    from tspo_core.evaluate import compact_metrics
+
     ds = {"nq": {"n": 3, "em": 0.5, "f1": 0.6}, "hotpotqa": {"n": 3, "em": 0.25, "f1": 0.3}}
-    (tmp_path / "eval_sft.json").write_text(json.dumps(
-        {"datasets": ds, "average": {"em": 0.375, "f1": 0.45, "cover_em": 0.5}, "meta": {"skipped": []}}))
+    (tmp_path / "eval_sft.json").write_text(json.dumps(compact_metrics(  # as run_evaluate writes the DVC metric
+        {"datasets": ds, "average": {"em": 0.375, "f1": 0.45, "cover_em": 0.5}, "meta": {"skipped": []}})))
     (tmp_path / "train_tspo.json").write_text(json.dumps(
         {"estimator": "tspo", "steps": 2, "kl_last20pct": 0.01, "nan": float("nan"), "nested": {"a": 1}}))
     (tmp_path / "eval_broken.json").write_text("{not json")
-    (tmp_path / "eval_other.json").write_text(json.dumps({"datasets": {}}))  # no average
+    (tmp_path / "eval_other.json").write_text(json.dumps({"f1": 0.5}))  # no average EM
     (tmp_path / "train_list.json").write_text("[1, 2]")
     (tmp_path / "train_grpo.jsonl").write_text('{"step": 1}\n')  # the curve, not a summary: ignored
     evals, trains, problems = read_metric_rows(tmp_path)

@@ -229,7 +229,8 @@ def test_sft_flow_writes_the_curve_as_jsonl_and_csv(tmp_path, monkeypatch):
     assert header == ["step", "loss", "obs_loss", "token_acc", "lr"]
     rows = _read_csv(metrics / "sft_curve.csv")[1]
     assert [r["obs_loss"] for r in rows][:2] == ["", "1.5"]  # None (no observation loss that step): empty
-    assert json.loads((metrics / "sft.json").read_text()) == {"final_loss": 1.0}
+    assert json.loads((metrics / "sft.json").read_text()) == {"loss": 1.0}  # the headline, renamed
+    assert json.loads((metrics / "detail" / "sft.json").read_text()) == {"final_loss": 1.0}  # the summary as is
 
     # sft.obs_loss_weight 0: obs_loss is None everywhere, the column is still there (empty)
     metrics = run_sft_flow(monkeypatch, tmp_path, _sft_history(3, obs_loss=False))

@@ -120,9 +120,12 @@ def test_series_helpers():
 
 
 def test_readers(tmp_path):
-    (tmp_path / "eval_tspo.json").write_text(json.dumps(_eval("tspo", 0.3)), encoding="utf-8")
-    (tmp_path / "eval_sft.json").write_text(json.dumps(_eval("sft", 0.2)), encoding="utf-8")
-    (tmp_path / "index.json").write_text("{}", encoding="utf-8")
+    detail = tmp_path / "detail"  # the full evaluation metrics; the DVC metrics beside them are not read
+    detail.mkdir()
+    (detail / "eval_tspo.json").write_text(json.dumps(_eval("tspo", 0.3)), encoding="utf-8")
+    (detail / "eval_sft.json").write_text(json.dumps(_eval("sft", 0.2)), encoding="utf-8")
+    (detail / "index.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "eval_grpo.json").write_text(json.dumps({"em": 0.1}), encoding="utf-8")
     assert sorted(read_eval_metrics(tmp_path)) == ["sft", "tspo"]
     # a history still being written: the unfinished last record is dropped
     (tmp_path / "train_grpo.jsonl").write_text('{"step": 1, "em": 0.1}\n\n{"step": 2, "em": 0.2}\n{"step": 3, "e',
@@ -132,7 +135,7 @@ def test_readers(tmp_path):
     bad.write_text('{"step": 1}\n{oops\n{"step": 3}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl:2"):
         read_history(bad)
-    (tmp_path / "eval_broken.json").write_text('{"datasets": {}}', encoding="utf-8")
+    (detail / "eval_broken.json").write_text('{"datasets": {}}', encoding="utf-8")
     with pytest.raises(DataError, match="eval_broken.json"):
         read_eval_metrics(tmp_path)
 
@@ -208,3 +211,43 @@ def test_paired_bootstrap_ci_refuses_empty_inputs():
         paired_bootstrap_ci({})
     with pytest.raises(ValueError, match="without any paired question"):
         paired_bootstrap_ci({0: {"nq": [1.0]}, 1: {"nq": []}})
+
+
+def test_repro_summary_from_a_built_report(tmp_path, capsys):
+    """The end of `make repro` (scripts/repro_summary.py): the report's EM table, plain (no bold marks), and the
+    paths of the report, the figures drawn and the plots page (said to be missing, with the command, until built)."""
+    import importlib.util
+
+    from tspo_core.config import dump_params, load_params
+    from tspo_core.report import em_table_from_report, repro_summary
+
+    evals = {"tspo": _eval("tspo", 0.40), "sft": _eval("sft", 0.20), "grpo": _eval("grpo", 0.32)}
+    out = tmp_path / "reports"
+    assert repro_summary(out).startswith(f"no report at {out / 'report.md'}")
+    build_report(evals, {}, out)  # no histories: only the evaluation figure is drawn
+    table = em_table_from_report((out / "report.md").read_text(encoding="utf-8"))
+    assert table == markdown_table(evals).replace("**", "")
+    rows = table.splitlines()
+    assert rows[0].startswith("| Run | NQ |") and rows[0].endswith("| Avg. |") and len(rows) == 5
+    assert rows[4].startswith("| TSPO | 0.400 |") and rows[4].endswith("| 0.430 |")
+
+    page = tmp_path / "dvc_plots" / "index.html"
+    text = repro_summary(out, page)
+    assert table in text and f"report:     {out / 'report.md'}" in text
+    assert f"figures:    {out / 'eval_categories.png'}\n" in text and "training_curves" not in text
+    assert f"plots page: {page} (not built: `make plots`)" in text
+    page.parent.mkdir()
+    page.write_text("<html></html>")
+    assert repro_summary(out, page).endswith(f"plots page: {page}")
+
+    # the script `make repro` calls: report_dir from the params file
+    params = tmp_path / "params.yaml"
+    repo = Path(__file__).parents[1]
+    params.write_text(dump_params(load_params(repo / "configs" / "tiny.yaml", overrides={"paths.report_dir": str(out)})),
+                      encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("repro_summary", Path(__file__).parents[1] / "scripts" /
+                                                  "repro_summary.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--params", str(params), "--plots-page", str(page)]) == 0
+    assert capsys.readouterr().out == repro_summary(out, page) + "\n"

@@ -92,7 +92,8 @@ def test_params_paths_win_over_dvc_yaml_literals() -> None:
                         metrics_dir="runs/t/metrics", eval_dir="runs/t/eval", report_dir="runs/t/reports")
     io = stage_io("evaluate@grpo", paths)
     assert [a.paths for a in io.inputs] == [("runs/t/data",), ("runs/t/index",), ("runs/t/rl/grpo",)]
-    assert io.outputs[0].paths == ("runs/t/eval/grpo", "runs/t/metrics/eval_grpo.json")
+    assert io.outputs[0].paths == ("runs/t/eval/grpo", "runs/t/metrics/eval_grpo.json",
+                                   "runs/t/metrics/detail/eval_grpo.json")
     assert cross_check("evaluate@grpo", io, DVC)  # reported (as a note), not an error
     io = stage_io("evaluate@x", paths, checkpoint="/models/x")
     assert io.inputs[-1] == ArtifactSpec("tspo-checkpoint-x", "model", ("/models/x",))
@@ -126,12 +127,16 @@ def _project(root: Path) -> None:
         "artifacts/index/index.bm25": "x", "artifacts/sft/model.safetensors": "sft",
         "artifacts/rl/tspo/model/model.safetensors": "rl", "artifacts/eval/tspo/nq.jsonl": "{}\n",
         "metrics/index.json": json.dumps({"passages": 3}),
-        "metrics/train_tspo.json": json.dumps({"estimator": "tspo", "steps": 3, "em_last20pct": 0.5}),
+        "metrics/detail/index.json": json.dumps({"passages": 3, "build_seconds": 0.1}),
+        "metrics/train_tspo.json": json.dumps({"steps": 3, "em": 0.5}),
+        "metrics/detail/train_tspo.json": json.dumps({"estimator": "tspo", "steps": 3, "em_last20pct": 0.5}),
         "metrics/train_tspo.jsonl": "".join(json.dumps({"step": s, "em": s / 10, "reward_mean": 0.1 * s,
                                                         "per_family": {"nq": 0.2}, "tags": ["a"]}) + "\n"
                                             for s in (1, 2, 3)),
-        "metrics/eval_tspo.json": json.dumps({"datasets": {"nq": {"n": 2, "em": 0.5}, "popqa": {"n": 2, "em": 0.0}},
-                                              "average": {"n": 4, "em": 0.25}, "meta": {"skipped": []}}),
+        "metrics/eval_tspo.json": json.dumps({"em": 0.25, "nq": 0.5, "popqa": 0.0}),
+        "metrics/detail/eval_tspo.json": json.dumps({"datasets": {"nq": {"n": 2, "em": 0.5},
+                                                                  "popqa": {"n": 2, "em": 0.0}},
+                                                     "average": {"n": 4, "em": 0.25}, "meta": {"skipped": []}}),
     }
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -257,8 +262,8 @@ def test_call_sequence_evaluate_table(wandb_env: Path, monkeypatch: pytest.Monke
     (table,) = [c[1]["eval/per_dataset"] for c in rec.calls if c[0] == "log"]
     assert table == ("table", ["dataset", "n", "em"], [["nq", 2, 0.5], ["popqa", 2, 0.0], ["average", 4, 0.25]])
     (art,) = [c for c in rec.calls if c[0] == "log_artifact"]
-    assert art[1:3] == ("tspo-eval-tspo", "eval") and [r[1] for r in art[3]] == ["artifacts/eval/tspo",
-                                                                                   "metrics/eval_tspo.json"]
+    assert art[1:3] == ("tspo-eval-tspo", "eval") and [r[1] for r in art[3]] == [
+        "artifacts/eval/tspo", "metrics/eval_tspo.json", "metrics/detail/eval_tspo.json"]
 
 
 def test_failures_are_warnings(wandb_env: Path, monkeypatch: pytest.MonkeyPatch,
@@ -425,3 +430,54 @@ def test_online_unreachable_server_falls_back_in_bounded_time(wandb_env: Path, m
     err = capsys.readouterr().err
     assert run is not None and "online init failed within 3 s" in err and "logging offline instead" in err
     assert _offline_run(wandb_env)["logged"].keys() == {"tspo-index"}
+
+
+@pytest.mark.parametrize(("path", "name"), [
+    ("artifacts/rl/tspo", "artifacts/rl/tspo"), ("metrics/eval_x.json", "metrics/eval_x.json"),
+    ("/models/x", "external/models/x"), ("../outside/ckpt", None), ("{root}/artifacts/sft", "artifacts/sft"),
+])
+def test_entry_names_are_relative(tmp_path: Path, path: str, name: str | None) -> None:
+    from wandb.sdk.lib.paths import validate_relpath  # what W&B checks: "Invalid artifact path" otherwise
+
+    root = tmp_path / "proj"
+    got = tracking.entry_name(path.format(root=root), root)
+    assert got == (name or "external/" + (tmp_path / "outside/ckpt").relative_to("/").as_posix())
+    assert validate_relpath(got) == got
+
+
+def test_offline_absolute_paths_and_the_printed_sync_command(wandb_env: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint outside the project (`evaluate --checkpoint /abs/dir`) and absolute params paths are logged
+    without a warning; the printed `wandb sync` commands are accepted by the installed wandb CLI (dry run, no
+    network) and find the run."""
+    import subprocess
+
+    _project(wandb_env)
+    ckpt = tmp_path / "elsewhere" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_text("m")
+    params = _params(wandb_env)
+    raw = yaml.safe_load(params.read_text())
+    raw["paths"] = {"data_dir": str(wandb_env / "data"), "index_dir": str(wandb_env / "artifacts/index"),
+                    "eval_dir": str(wandb_env / "artifacts/eval"), "metrics_dir": str(wandb_env / "metrics")}
+    params.write_text(yaml.safe_dump(raw))
+    run = tracking.track_stage("evaluate", params, {"run": "tspo", "checkpoint": str(ckpt)})
+    assert run is not None
+    err = capsys.readouterr().err
+    assert "warning" not in err and "Invalid" not in err, err
+    got = _offline_run(wandb_env)
+    assert [n for n, _ in got["used"]] == ["tspo-data", "tspo-index", "tspo-checkpoint-tspo"]
+    (ck,) = [a for a in got["artifacts"] if a.name == "tspo-checkpoint-tspo"]
+    assert [e.path for e in ck.manifest.contents] == [
+        f"external/{(ckpt / 'model.safetensors').relative_to('/').as_posix()}"]
+    assert {e.path for e in got["logged"]["tspo-eval-tspo"].manifest.contents} == {
+        "artifacts/eval/tspo/nq.jsonl", "metrics/eval_tspo.json", "metrics/detail/eval_tspo.json"}
+    commands = [c.split("`")[0] for c in err.split("`wandb sync ")[1:]]
+    assert commands == [str(got["dir"]), str(wandb_env / "wandb")] and "--sync-all" not in err
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    for target in commands:
+        out = subprocess.run([str(wandb_cli), "sync", "--dry-run", target], capture_output=True, text=True,
+                             timeout=60, cwd=wandb_env)
+        assert out.returncode == 0, out.stderr
+        said = out.stdout + out.stderr
+        assert "Would sync 1 run(s)" in said and f"run-{got['dir'].name.rsplit('-', 1)[1]}.wandb" in said, said

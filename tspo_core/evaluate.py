@@ -35,7 +35,7 @@ from tspo_core.data.schema import QAExample
 from tspo_core.data.subsets import subset
 from tspo_core.errors import DataError
 from tspo_core.io import write_json, write_jsonl, write_text
-from tspo_core.layout import check_run_name
+from tspo_core.layout import check_run_name, detail_path
 from tspo_core.metrics import DEFAULT_NORMALIZATION, cover_exact_match, exact_match, f1_score
 from tspo_core.runinfo import environment
 
@@ -329,14 +329,30 @@ def _prepare_run_dir(run_dir: Path, key: str) -> None:
     write_json(fp_file, {"fingerprint": key})
 
 
+def compact_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The DVC metric `eval_<run>.json`: the average EM, F1 and cover-EM over the datasets (`em`, `f1`, `cover_em`)
+    and the EM of each dataset under its name; the rest (`run_evaluate`'s full result) is in `detail/`.
+
+    >>> compact_metrics({"datasets": {"nq": {"em": 0.5, "f1": 0.6}}, "average": {"em": 0.5, "f1": 0.6,
+    ...                  "cover_em": 0.7, "n": 9}, "meta": {"seconds": 3.0}})
+    {'em': 0.5, 'f1': 0.6, 'cover_em': 0.7, 'nq': 0.5}
+    """
+    avg = metrics.get("average") or {}
+    out = {k: avg[k] for k in ("em", "f1", "cover_em") if k in avg}
+    out.update({name: m["em"] for name, m in (metrics.get("datasets") or {}).items() if "em" in m})
+    return out
+
+
 def run_evaluate(params: Any, checkpoint_dir: str | Path, run_name: str,
                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Stage `evaluate@<run>`: greedy evaluation of one checkpoint on `eval.datasets`.
 
-    Writes `<paths.metrics_dir>/eval_<run>.json` (per-dataset metrics under `datasets`, their unweighted `average`,
-    and `meta`: splits used, datasets skipped for lack of a file, subset settings), per-example rows in
-    `<paths.eval_dir>/<run>/<dataset>.jsonl` and the EM table in `<paths.eval_dir>/<run>/table.md`; returns the
-    metrics. Raises `DataError` when no dataset has any question to evaluate.
+    Writes the full metrics to `<paths.metrics_dir>/detail/eval_<run>.json` (per-dataset metrics under `datasets`,
+    their unweighted `average`, and `meta`: splits used, datasets skipped for lack of a file, subset settings,
+    seconds, environment), their headline (`compact_metrics`) to the DVC metric `<paths.metrics_dir>/eval_<run>.json`,
+    per-example rows in `<paths.eval_dir>/<run>/<dataset>.jsonl` and the EM table in
+    `<paths.eval_dir>/<run>/table.md`; returns the full metrics. Raises `DataError` when no dataset has any question
+    to evaluate.
     """
     from tspo_core.config import dump_params
     from tspo_core.pipeline import device, load_split, make_engine, open_retriever
@@ -401,7 +417,9 @@ def run_evaluate(params: Any, checkpoint_dir: str | Path, run_name: str,
                  "answer_normalization": cfg.answer_normalization, "environment": environment(),
                  "seconds": round(time.monotonic() - t0, 1)},
     }
-    write_json(Path(paths.metrics_dir) / f"eval_{run_name}.json", metrics)
+    declared = Path(paths.metrics_dir) / f"eval_{run_name}.json"
+    write_json(detail_path(declared), metrics)
+    write_json(declared, compact_metrics(metrics))
     write_text(run_dir / "table.md", markdown_table({run_name: metrics}) + "\n")
     write_text(run_dir / "params.resolved.yaml", dump_params(params))
     return metrics

@@ -29,3 +29,16 @@ def checkpoint_for(paths: PathsConfig, run: str) -> Path:
     """The checkpoint a run evaluates: `sft` -> `paths.sft_dir`, any RL run -> `<paths.rl_dir>/<run>/model`."""
     check_run_name(run)
     return Path(paths.sft_dir) if run == "sft" else Path(paths.rl_dir) / run / "model"
+
+
+DETAIL_DIR = "detail"
+"""Beside every DVC-declared metrics file `<metrics_dir>/<name>.json` (a few headline numbers, so `dvc metrics show`
+stays readable) the stage writes the full record, `<metrics_dir>/detail/<name>.json`: per-dataset metrics, settings,
+timings (`seconds`, `build_seconds`, ...) and the environment. dvc.yaml declares it as a plain output, never as a
+metric."""
+
+
+def detail_path(metrics_file: str | Path) -> Path:
+    """`<metrics_dir>/<name>.json` -> `<metrics_dir>/detail/<name>.json` (see `DETAIL_DIR`)."""
+    p = Path(metrics_file)
+    return p.parent / DETAIL_DIR / p.name

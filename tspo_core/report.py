@@ -1,6 +1,6 @@
 """The comparison report: seven-dataset EM table (SFT / GRPO / TSPO), secondary metrics, training curves.
 
-Inputs are the evaluation metrics of each run (`evaluate.run_evaluate`, stored as `metrics/eval_<run>.json`) and
+Inputs are the evaluation metrics of each run (`evaluate.run_evaluate`, stored as `metrics/detail/eval_<run>.json`) and
 the per-step training histories of each estimator (`metrics/train_<estimator>.jsonl`, one JSON object per step with
 keys such as `step`, `reward_mean`, `em`, `zero_var_share_o`, `zero_var_share_s`, the four category shares, `kl`,
 `entropy`, `response_tokens`; any key may be missing). `build_report` writes `report.md` and PNG figures; figures
@@ -22,7 +22,7 @@ from tspo_core.config import FAMILIES
 from tspo_core.errors import DataError
 from tspo_core.evaluate import markdown_table, ordered_runs, run_label
 from tspo_core.io import atomic_open, write_text
-from tspo_core.layout import FIGURES, REPORT_NAME
+from tspo_core.layout import DETAIL_DIR, FIGURES, REPORT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,10 @@ def read_histories(metrics_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def read_eval_metrics(metrics_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """{run: metrics} from `<metrics_dir>/eval_<run>.json`."""
+    """{run: metrics} from `<metrics_dir>/detail/eval_<run>.json` (the full metrics `run_evaluate` returns; the
+    DVC metric `<metrics_dir>/eval_<run>.json` beside it holds only the headline)."""
     out: dict[str, dict[str, Any]] = {}
-    for p in sorted(Path(metrics_dir).glob("eval_*.json")):
+    for p in sorted((Path(metrics_dir) / DETAIL_DIR).glob("eval_*.json")):
         try:
             m = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -416,7 +417,7 @@ def _coverage_notes(eval_metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if len(done) < len(FAMILIES):
             missing = ", ".join(f for f in FAMILIES if f not in done)
             notes.append(f"{run_label(r)} evaluated {len(done)}/{len(FAMILIES)} datasets; its Avg. is over those "
-                         f"only (missing: {missing}; reasons under `meta.skipped` in `eval_{r}.json`).")
+                         f"only (missing: {missing}; reasons under `meta.skipped` in `{DETAIL_DIR}/eval_{r}.json`).")
     return notes
 
 
@@ -481,3 +482,42 @@ def build_report(eval_metrics: Mapping[str, Mapping[str, Any]],
     path = out_dir / REPORT_NAME
     write_text(path, "\n".join(md))
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the end-of-run summary (`make repro`)
+# ----------------------------------------------------------------------------------------------------------------
+EM_TABLE_HEADING = "## Exact match on the seven datasets"
+
+
+def em_table_from_report(text: str) -> str | None:
+    """The EM table (runs x seven datasets + Avg.) of a `report.md`, bold marks removed; None when it has none."""
+    lines = text.splitlines()
+    try:
+        start = lines.index(EM_TABLE_HEADING) + 1
+    except ValueError:
+        return None
+    table: list[str] = []
+    for line in lines[start:]:
+        if line.startswith("|"):
+            table.append(line.replace("**", ""))
+        elif table:
+            break
+    return "\n".join(table) or None
+
+
+def repro_summary(report_dir: str | Path, plots_page: str | Path = "dvc_plots/index.html") -> str:
+    """A few lines for the end of `make repro`: the EM table of the report, then where the report, its figures and
+    the `dvc plots` page are (a missing file is said to be missing, with the command that makes it)."""
+    report_dir, plots_page = Path(report_dir), Path(plots_page)
+    report = report_dir / REPORT_NAME
+    if not report.is_file():
+        return f"no report at {report} (the report stage has not run: `dvc repro report`)"
+    table = em_table_from_report(report.read_text(encoding="utf-8"))
+    figures = [str(report_dir / f) for f in FIGURES if (report_dir / f).is_file()]
+    out = ["Exact match (EM) on the seven datasets, from the report:", "", table or "(the report has no EM table)",
+           "", f"report:     {report}",
+           f"figures:    {', '.join(figures) if figures else '(none drawn)'}",
+           f"plots page: {plots_page}" if plots_page.is_file()
+           else f"plots page: {plots_page} (not built: `make plots`)"]
+    return "\n".join(out)

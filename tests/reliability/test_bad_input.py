@@ -287,10 +287,11 @@ CASES = [
 ]
 
 STAGE_OUTS = {  # the DVC outs (and metrics) of each stage, relative to the working copy
-    "data": ["data"], "index": ["artifacts/index", "metrics/index.json"],
-    "sft": ["artifacts/sft", "metrics/sft.json", "metrics/sft_curve.jsonl"],
-    "train": ["artifacts/rl", "metrics/train_tspo.json", "metrics/train_tspo.jsonl", "metrics/train_tspoo.json"],
-    "evaluate": ["artifacts/eval", "metrics/eval_sft.json", "metrics/eval_grpo.json"],
+    "data": ["data"], "index": ["artifacts/index", "metrics/index.json", "metrics/detail/index.json"],
+    "sft": ["artifacts/sft", "metrics/sft.json", "metrics/detail/sft.json", "metrics/sft_curve.jsonl"],
+    "train": ["artifacts/rl", "metrics/train_tspo.json", "metrics/detail/train_tspo.json", "metrics/train_tspo.jsonl",
+              "metrics/train_tspoo.json"],
+    "evaluate": ["artifacts/eval", "metrics/eval_sft.json", "metrics/eval_grpo.json", "metrics/detail/eval_sft.json"],
 }
 
 

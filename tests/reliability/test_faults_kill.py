@@ -93,9 +93,9 @@ def test_train_killed_after_a_random_checkpoint_resumes_to_the_uninterrupted_res
     assert without(rows) == without(reference), where
     assert file_sha(out / "model" / "model.safetensors") == \
         file_sha(tmp_path / "ref" / "rl_dir" / "tspo" / "model" / "model.safetensors"), where
-    summary = read_json(metrics / "train_tspo.json")
+    summary = read_json(metrics / "detail" / "train_tspo.json")
     tail = reference[-max(1, steps // 5):]
-    assert summary["steps"] == steps
+    assert summary["steps"] == steps and read_json(metrics / "train_tspo.json")["steps"] == steps
     assert math.isclose(summary["entropy_last20pct"], sum(r["entropy"] for r in tail) / len(tail), rel_tol=1e-12)
     assert leftovers(work.path("rl_dir")) == [], where  # a checkpoint half-written at the kill is cleaned up
     assert not ckpt.parent.exists(), where  # the staging directory became the stage's output
@@ -148,7 +148,7 @@ def test_evaluate_killed_mid_run_resumes_without_duplicated_or_lost_rows(work: W
         ids = [r["id"] for r in rows[name]]
         assert len(ids) == len(set(ids)), (name, where)  # nothing duplicated
         assert rows[name] == expected, (name, where)  # nothing lost, nothing changed, same order
-    metrics = read_json(work.path("metrics_dir") / "eval_sft.json")
+    metrics = read_json(work.path("metrics_dir") / "detail" / "eval_sft.json")
     assert metrics["datasets"] == reference["datasets"] and metrics["average"] == reference["average"], where
     assert leftovers(work.path("eval_dir")) == [], where
 

@@ -20,8 +20,8 @@ def test_evaluate_a_checkpoint_from_anywhere_under_its_own_run_name(work: Work, 
     out = work.run("evaluate", "--run", "mine", "--checkpoint", str(mine))
     assert out.returncode == 0, out.stderr[-3000:]
 
-    got = read_json(work.path("metrics_dir") / "eval_mine.json")
-    expected = read_json(work.path("metrics_dir") / "eval_sft.json")
+    got = read_json(work.path("metrics_dir") / "detail" / "eval_mine.json")
+    expected = read_json(work.path("metrics_dir") / "detail" / "eval_sft.json")
     assert got["meta"]["checkpoint"] == str(mine)
     assert got["average"] == expected["average"]  # same weights, greedy: the same scores
     assert sorted(p.name for p in (work.path("eval_dir") / "mine").glob("*.jsonl")) == \

@@ -13,6 +13,9 @@ in the JSON), which no UTF-8 file can hold and every later write would fail on, 
   per line -> `list[QAExample]`.
 - `load_searchr1_parquet(path)`: Search-R1 training/test parquet -> `list[QAExample]`, with ids
   `f"{data_source}-{split}-{index}"` (unique per question even when several sources restart their row index).
+  Variants seen in public files are read too: `extra_info.index` stored as an integral float (`0.0`), a
+  `reward_model.ground_truth.target` that is one string, `reward_model` stored as a JSON string, and no
+  `extra_info` column (ids `f"{data_source}-{file stem}-{row}"`, one warning per file).
 - `iter_corpus(path)` / `load_corpus(path)`: `{"id": str, "contents": "\\"Title\\"\\ntext"}` per line -> `Passage`s.
 - `load_dataset_file(path)`: dispatch on the suffix (`.jsonl`/`.json` -> FlashRAG, `.parquet` -> Search-R1).
 """
@@ -20,12 +23,16 @@ in the JSON), which no UTF-8 file can hold and every later write would fail on, 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tspo_core.data.schema import Passage, QAExample
 from tspo_core.errors import DataError, bounded_repr
+
+log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
@@ -285,9 +292,11 @@ def iter_searchr1_parquet(path: str | Path) -> Iterator[QAExample]:
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"not a readable parquet file: {err}", str(path)) from None
     columns = list(pf.schema_arrow.names)
-    for col in ("data_source", "extra_info"):
-        if col not in columns:
-            raise DataError(f"missing column {col!r} (columns: {columns})", str(path))
+    if "data_source" not in columns:
+        raise DataError(f"missing column 'data_source' (columns: {columns})", str(path))
+    if "extra_info" not in columns:
+        log.warning("%s: no 'extra_info' column; question ids are '<data_source>-%s-<row>' (file stem and 1-based "
+                    "row)", path, path.stem)
     if "question" not in columns and "prompt" not in columns:
         raise DataError(f"missing column 'prompt' (needed when there is no 'question' column; columns: {columns})",
                         str(path))
@@ -311,10 +320,44 @@ def iter_searchr1_parquet(path: str | Path) -> Iterator[QAExample]:
         raise DataError("no rows (the parquet file is empty)", str(path))
 
 
+def _index(value: Any, path: Path, row: int) -> int | str:
+    """`extra_info.index`: an integer, a non-empty string, or a float holding an integer (pandas stores an integer
+    column with a missing value as float64: `0.0` -> 0)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value):
+        raise _row_error(f"'extra_info.index' must be an integer or a string, got {bounded_repr(value, 60)}",
+                         path, row)
+    return value
+
+
+def _target(rec: dict[str, Any], path: Path, row: int) -> list[str]:
+    """The gold answers in `reward_model.ground_truth.target`: a list of strings or one string; `reward_model` may
+    be stored as a JSON string."""
+    rm = rec.get("reward_model")
+    if isinstance(rm, str):
+        try:
+            rm = json.loads(rm)
+        except json.JSONDecodeError as err:
+            raise _row_error(f"'reward_model' is a string but not JSON ({err.msg} at character {err.pos})", path,
+                             row) from None
+    gt = rm.get("ground_truth") if isinstance(rm, dict) else None
+    target = gt.get("target") if isinstance(gt, dict) else None
+    if target is None:
+        raise _row_error("missing field 'reward_model.ground_truth.target' (and no 'golden_answers')", path, row)
+    if isinstance(target, str):  # one answer (Search-R1's own em_check takes a string too)
+        if not target.strip():
+            raise _row_error("'reward_model.ground_truth.target' is blank (answers must be non-empty)", path, row)
+        target = [target]
+    return _answers_row(target, "reward_model.ground_truth.target", path, row)
+
+
 def _searchr1_row(rec: dict[str, Any], path: Path, row: int, seen: dict[str, int]) -> QAExample:
     source = rec.get("data_source")
     if not isinstance(source, str) or not source.strip():
         raise _row_error(f"'data_source' must be a non-empty string, got {bounded_repr(source, 60)}", path, row)
+    if "extra_info" not in rec:  # no such column (a null in an existing column is an error below)
+        rec = {**rec, "extra_info": {"split": path.stem, "index": row}}
     extra = rec.get("extra_info")
     if not isinstance(extra, dict):
         raise _row_error(f"'extra_info' must be an object with 'split' and 'index', got {_json_type(extra)}",
@@ -322,13 +365,10 @@ def _searchr1_row(rec: dict[str, Any], path: Path, row: int, seen: dict[str, int
     for key in ("split", "index"):
         if extra.get(key) is None:
             raise _row_error(f"missing field 'extra_info.{key}'", path, row)
-    split, index = extra["split"], extra["index"]
+    split, index = extra["split"], _index(extra["index"], path, row)
     if not isinstance(split, str) or not split.strip():
         raise _row_error(f"'extra_info.split' must be a non-empty string, got {bounded_repr(split, 60)}", path,
                          row)
-    if isinstance(index, bool) or not isinstance(index, (int, str)) or (isinstance(index, str) and not index):
-        raise _row_error(f"'extra_info.index' must be an integer or a string, got {bounded_repr(index, 60)}",
-                         path, row)
 
     if rec.get("question") is not None:
         q = rec["question"]
@@ -343,12 +383,7 @@ def _searchr1_row(rec: dict[str, Any], path: Path, row: int, seen: dict[str, int
     if rec.get("golden_answers") is not None:
         answers = _answers_row(rec["golden_answers"], "golden_answers", path, row)
     else:
-        rm = rec.get("reward_model")
-        gt = rm.get("ground_truth") if isinstance(rm, dict) else None
-        target = gt.get("target") if isinstance(gt, dict) else None
-        if target is None:
-            raise _row_error("missing field 'reward_model.ground_truth.target' (and no 'golden_answers')", path, row)
-        answers = _answers_row(target, "reward_model.ground_truth.target", path, row)
+        answers = _target(rec, path, row)
 
     try:
         question = _text(question, "'question'", path, row, MAX_QUESTION_CHARS)

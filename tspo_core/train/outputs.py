@@ -2,7 +2,8 @@
 
 A stage `train@<estimator>` has four outputs: the training checkpoint and the final model (`<rl_dir>/<estimator>/
 {checkpoint,model}`), the per-step history (`<metrics_dir>/train_<estimator>.{jsonl,csv}`) and its summary
-(`<metrics_dir>/train_<estimator>.json`). A finished run's outputs must survive a later run that fails, so:
+(`<metrics_dir>/train_<estimator>.json`, its full form in `<metrics_dir>/detail/`). A finished run's outputs must
+survive a later run that fails, so:
 
 - a run whose settings differ from the finished run's (or with no finished run) trains in a staging sibling,
   `<rl_dir>/.<estimator>.next/`, never in the finished run's directory; its history is written there after every
@@ -24,6 +25,7 @@ from typing import Any
 
 from tspo_core.io import (PENDING_DIR, finish_pending, pending_file, replace_dir, restore_interrupted_swap,
                           scalar_columns, write_csv, write_json, write_jsonl)
+from tspo_core.layout import detail_path
 from tspo_core.runinfo import environment
 
 SUMMARY_KEYS = ("reward_mean", "em", "folr_share", "zero_var_share_o", "zero_var_share_s", "kl", "entropy")
@@ -63,14 +65,25 @@ def training_summary(history: Sequence[Mapping[str, Any]], estimator: str) -> di
             **{f"{k}_last20pct": sum(h.get(k) or 0.0 for h in tail) / len(tail) for k in SUMMARY_KEYS}}
 
 
+def compact_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The DVC metric `train_<estimator>.json`: `steps` and `em` (the EM of the training rollouts over the last 20%
+    of the steps); the whole summary is `detail/train_<estimator>.json`.
+
+    >>> compact_summary({"estimator": "tspo", "steps": 3, "em_last20pct": 0.25, "kl_last20pct": 0.01})
+    {'steps': 3, 'em': 0.25}
+    """
+    return {"steps": summary["steps"], "em": summary["em_last20pct"]}
+
+
 def stage_history(run_dir: str | Path, metrics_dir: str | Path, estimator: str,
                   history: Sequence[Mapping[str, Any]], final: bool = False) -> None:
     """Write the history (and with `final`, the summary) into `run_dir/.pending`, destined for the metrics paths."""
     jsonl, csv, summary = history_paths(metrics_dir, estimator)
     write_history(pending_file(run_dir, jsonl), pending_file(run_dir, csv), history)
     if final:
-        write_json(pending_file(run_dir, summary),
-                   {**training_summary(history, estimator), "meta": {"environment": environment()}})
+        full = training_summary(history, estimator)
+        write_json(pending_file(run_dir, summary), compact_summary(full))
+        write_json(pending_file(run_dir, detail_path(summary)), {**full, "meta": {"environment": environment()}})
 
 
 def discard_pending(run_dir: str | Path) -> None:

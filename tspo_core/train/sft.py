@@ -289,6 +289,18 @@ def validate_protocol(engine: RolloutEngine, examples: Sequence[QAExample]) -> d
             "dev_questions": float(len(batch.rollouts))}
 
 
+def compact_summary(summary: dict) -> dict:
+    """The DVC metric `sft.json`: `steps`, `loss` (the mean of the last 20 steps) and `em` (greedy EM on dev
+    questions after the warmup), those present; the whole summary is `detail/sft.json` (and `sft_summary.json` in
+    the checkpoint).
+
+    >>> compact_summary({"steps": 9, "final_loss": 0.5, "dev_em": 0.25, "train_seconds": 3.0})
+    {'steps': 9, 'loss': 0.5, 'em': 0.25}
+    """
+    return {name: summary[key] for name, key in (("steps", "steps"), ("loss", "final_loss"), ("em", "dev_em"))
+            if key in summary}
+
+
 def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
     """Stage `sft`: oracle (or user) trajectories -> SFT -> checkpoint in `paths.sft_dir`; returns the summary
     (also written as `sft_summary.json` in the checkpoint) and the loss history."""
