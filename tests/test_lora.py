@@ -17,7 +17,7 @@ from tspo_core.io import write_jsonl
 from tspo_core.policy import load_policy
 from tspo_core.train.checkpoint import CheckpointError
 from tspo_core.train.lora import apply_lora
-from tspo_core.train import rl
+from tspo_core.train import rl_step
 from tspo_core.train.rl import RLTrainer, run_rl, token_logprobs
 
 from conftest import REPO
@@ -83,8 +83,8 @@ def test_the_stage_writes_a_plain_merged_checkpoint_with_the_adapted_logits(tmp_
         "paths.sft_dir": str(tmp_path / "sft"), "paths.data_dir": str(tmp_path / "data"),
         "model.lora_r": 4, "model.lora_alpha": 8, "optim.lr": 1e-2, "train.steps": 2, "retrieval.top_k": 1})
     monkeypatch.setattr("tspo_core.pipeline.open_retriever", lambda retrieval, paths: DictRetriever())
-    real_experience = rl.make_experience  # the untrained policy earns no reward: push its own tokens up instead
-    monkeypatch.setattr(rl, "make_experience", lambda *a: _positive_advantages(real_experience(*a)))
+    real_experience = rl_step.make_experience  # the untrained policy earns no reward: push its own tokens up instead
+    monkeypatch.setattr(rl_step, "make_experience", lambda *a: _positive_advantages(real_experience(*a)))
     captured = {}
     real_fit = RLTrainer.fit
 

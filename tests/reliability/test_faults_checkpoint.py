@@ -237,7 +237,7 @@ def test_nonfinite_loss_step_is_skipped_logged_and_never_checkpointed(value, tmp
         if ckpt.exists():  # the checkpoint of the previous step
             seen.append((rec["step"] - 1, _all_finite(ckpt)))
 
-    with caplog.at_level(logging.WARNING, logger="tspo_core.train.rl"):
+    with caplog.at_level(logging.WARNING, logger="tspo_core.train"):
         history = trainer.fit(ckpt, on_step=on_step)
     seen.append((len(history), _all_finite(ckpt)))
 
