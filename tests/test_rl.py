@@ -238,18 +238,22 @@ def one_and_two_ranks(tmp_path_factory):
             exps.append(copy.deepcopy(exp))
             metrics.append(tr.update(exp))
             tr.step += 1
+            if step == 0:
+                tr.save(tmp_path / f"ck1_{name}")  # resumed on 2 ranks by the worker
         single[name] = {"experiences": exps, "metrics": metrics, "params": params_of(tr)}
     torch.save(single, tmp_path / "single.pt")
     _run_ranks(tmp_path)
-    return single, {name: [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
-                    for name in single}
+    ranked = {f"{name}{kind}": [torch.load(tmp_path / f"{name}{kind}_rank{r}.pt", weights_only=False)
+                                for r in range(2)] for name in single for kind in ("", "_from1")}
+    ranked["fit"] = [torch.load(tmp_path / f"fit_rank{r}.pt", weights_only=False) for r in range(2)]
+    return single, ranked, tmp_path
 
 
 @pytest.mark.parametrize("name", list(LORA_SETTINGS))
 def test_two_processes_match_one_process(one_and_two_ranks, name):
     """FSDP2 on 2 gloo ranks, each updating on its half of the same rollouts: after 2 steps the loss metrics and
     the (gathered) parameters equal the one-process run within 1e-5; under LoRA only the adapters moved."""
-    single, ranked = one_and_two_ranks
+    single, ranked, _ = one_and_two_ranks
     one = single[name]
     for r, two in enumerate(ranked[name]):
         for m1, m2 in zip(one["metrics"], two["metrics"], strict=True):
@@ -264,6 +268,75 @@ def test_two_processes_match_one_process(one_and_two_ranks, name):
              if not torch.equal(start[k], one["params"][k])}
     assert max(moved.values()) > 100 * 1e-5  # the tolerance is far below the update itself
     assert name == "plain" or all("lora_" in k for k in moved)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("name", list(LORA_SETTINGS))
+def test_a_one_process_checkpoint_resumes_on_two_ranks(one_and_two_ranks, name):
+    """DCP reshards: the checkpoint one process wrote after step 1 (model or adapters, AdamW moments, scheduler)
+    resumes on 2 FSDP2 ranks, whose second update equals the one-process run's second update."""
+    single, ranked, _ = one_and_two_ranks
+    from1 = ranked[f"{name}_from1"]
+    assert [r["step"] for r in from1] == [1, 1]
+    assert from1[0]["metrics"][0]["loss"] == pytest.approx(single[name]["metrics"][1]["loss"], abs=1e-5)
+    assert _max_diff(from1[0]["params"], single[name]["params"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(LORA_SETTINGS))
+def test_a_two_rank_checkpoint_resumes_on_one_process(one_and_two_ranks, name):
+    """The checkpoint 2 ranks wrote after step 1 resumes in one process; its second update equals the 2-rank
+    continuation (and so the uninterrupted one-process run)."""
+    single, ranked, tmp_path = one_and_two_ranks
+    tr = make_trainer(lora=LORA_SETTINGS[name], lr=RANKS_LR)
+    tr.resume(tmp_path / f"ck2_{name}")
+    assert tr.step == 1
+    m = tr.update(copy.deepcopy(single[name]["experiences"][1]))
+    assert m["loss"] == pytest.approx(ranked[name][0]["metrics"][1]["loss"], abs=1e-5)
+    assert _max_diff(params_of(tr), ranked[name][0]["params"]) < 1e-5
+
+
+def test_two_ranks_fit_with_rollouts_checkpoints_and_export_a_plain_model(one_and_two_ranks):
+    """A 2-rank `fit` (rollouts on gathered parameters, DCP checkpoints, the final model gathered once): both
+    ranks log the same loss, and the exported HF model is the gathered trained weights."""
+    from tspo_core.config import ModelConfig as MC
+    from tspo_core.policy import load_policy
+
+    _, ranked, tmp_path = one_and_two_ranks
+    h0, h1 = (r["history"] for r in ranked["fit"])
+    assert [h["step"] for h in h0] == [1, 2] and all(math.isfinite(h["loss"]) for h in h0)
+    assert [h["loss"] for h in h0] == [h["loss"] for h in h1]  # the loss metric is summed over ranks
+    assert {p.name for p in (tmp_path / "fit_ck" / "state").iterdir()} >= {".metadata", "__0_0.distcp",
+                                                                           "__1_0.distcp"}
+    model, _ = load_policy(tmp_path / "fit_model", MC(), "cpu")
+    exported = model.state_dict()
+    gathered = ranked["fit"][0]["params"]
+    assert all(torch.equal(exported[k], gathered[k]) for k in exported)
+    assert any(not torch.equal(exported[k], v) for k, v in params_of(make_trainer()).items())
+
+
+def test_a_corrupt_checkpoint_shard_fails_with_one_line_naming_the_file(tmp_path):
+    """Truncated or damaged in place (same size: DCP would load the bytes as weights), the shard is named."""
+    tr = make_trainer(steps=1)
+    tr.fit(tmp_path / "ck")
+    shard = tmp_path / "ck" / "state" / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError) as err:
+        make_trainer(steps=1).resume(tmp_path / "ck")
+    assert str(shard) in str(err.value) and "\n" not in str(err.value) and "corrupt" in str(err.value)
+    shard.write_bytes(bytes(len(data)))  # the right size, garbage inside
+    with pytest.raises(CheckpointError) as err:
+        make_trainer(steps=1).resume(tmp_path / "ck")
+    assert str(shard) in str(err.value) and "\n" not in str(err.value) and "corrupt" in str(err.value)
+    (tmp_path / "ck" / "state" / "sha256-rank0.json").unlink()  # no checksums: DCP's own failure, still one line
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        make_trainer(steps=1).resume(tmp_path / "ck")
+    assert str(shard) in str(err.value) and "\n" not in str(err.value) and "truncated" in str(err.value)
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):

@@ -32,10 +32,10 @@ from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import restore_interrupted_swap
 from tspo_core.metrics import DEFAULT_NORMALIZATION, exact_match
 from tspo_core.train import rl_step
-from tspo_core.train.checkpoint import STATE_FILE, CheckpointError, copy_checkpoint_files, load_trainer_state, \
-    rng_state, save_checkpoint, set_rng_state
-from tspo_core.train.distributed import Dist, gathered, shard
-from tspo_core.train.lora import describe, load_adapters, lora_settings
+from tspo_core.train.checkpoint import HISTORY_FILE, STATE_FILE, CheckpointError, copy_checkpoint_files, \
+    load_checkpoint, load_trainer_state, save_checkpoint
+from tspo_core.train.distributed import Dist, full_state_dict, gathered, shard
+from tspo_core.train.lora import describe, lora_settings
 from tspo_core.train.rl_step import Experience, Reference, RLSettings, token_logprobs
 
 __all__ = ["Dist", "Experience", "RLSettings", "RLTrainer", "TrainingError", "dev_subsets", "greedy_dev_em",
@@ -157,21 +157,21 @@ class RLTrainer:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def state(self) -> dict:
-        state = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": self.opt.state_dict(),
-                 "scheduler": self.sched.state_dict(), "rng": rng_state()}
+        """What `trainer_state.pt` holds beside the DCP model/optimizer state and the per-rank RNG files."""
+        state = {"step": self.step, "fingerprint": self.fingerprint, "scheduler": self.sched.state_dict()}
         if self.lora:  # a full-parameter checkpoint has no "lora" entry
             state["lora"] = self.lora
         return state
 
     def save(self, path: str | Path) -> None:
-        if self.dist.rank == 0:
-            save_checkpoint(path, self.model, self.tok, self.state(), self.history)
+        """A DCP checkpoint (`tspo_core.train.checkpoint`); every rank must call it."""
+        save_checkpoint(path, self.model, self.opt, self.tok, self.state(), self.history, self.dist,
+                        trainable_only=bool(self.lora))
 
     def resume(self, path: str | Path) -> None:
         """Load model weights (a LoRA run: its adapters), optimizer, scheduler, RNG and history from a checkpoint
-        written by `save`. A checkpoint of other settings fails, naming the LoRA settings when those differ."""
-        from safetensors.torch import load_file
-
+        written by `save`, by any number of ranks. A checkpoint of other settings fails, naming the LoRA settings
+        when those differ."""
         path = Path(path)
         state, history = load_trainer_state(path)
         if state.get("lora") != self.lora:
@@ -180,30 +180,17 @@ class RLTrainer:
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"{path}: checkpoint of other settings (fingerprint {state.get('fingerprint')}, "
                                   f"this run {self.fingerprint}); it cannot resume from it")
-        weights = sorted(path.glob("*.safetensors"))
-        if not weights:
-            raise CheckpointError(f"{path}: no model weights to resume from")
-        sd = {}
-        for w in weights:
-            sd.update(load_file(str(w)))
-        if self.lora:
-            load_adapters(self.model, sd, path)
-        else:
-            missing, unexpected = self.model.load_state_dict(sd, strict=False)
-            if unexpected or [m for m in missing if "lm_head" not in m]:
-                raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                                      f"unexpected {unexpected[:3]})")
-        self.opt.load_state_dict(state["optimizer"])
+        load_checkpoint(path, self.model, self.opt, self.dist, trainable_only=bool(self.lora))
         self.sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         self.step, self.history = state["step"], history
 
     def fit(self, ckpt_dir: str | Path, on_step: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
         """Train to `train.steps`, resuming from `ckpt_dir` when it holds a checkpoint; returns the history.
         `on_step(record, history)` is called after every step with the full history so far (resumed steps too)."""
         ckpt_dir = Path(ckpt_dir)
-        if restore_interrupted_swap(ckpt_dir):
+        if self.dist.rank == 0 and restore_interrupted_swap(ckpt_dir):
             log.warning("%s: restored the checkpoint a crash left moved aside", ckpt_dir)
+        self.dist.barrier()
         if (ckpt_dir / STATE_FILE).exists():
             stored_state = load_trainer_state(ckpt_dir)[0]
             if stored_state.get("fingerprint") != self.fingerprint:
@@ -247,11 +234,10 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     """
     from tspo_core.config import AdvantageConfig, check_rl_rollout
     from tspo_core.data.loaders import load_flashrag_jsonl
-    from tspo_core.io import atomic_dir
     from tspo_core.pipeline import device, make_engine, open_retriever, prepare_for_training, training_precision
     from tspo_core.policy import load_policy
     from tspo_core.train import outputs
-    from tspo_core.train.lora import apply_lora, write_merged_model
+    from tspo_core.train.lora import apply_lora
 
     check_rl_rollout(params.rollout)
     if params.rollout.backend == "vllm":
@@ -292,16 +278,37 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
 
     with autocast:
         history = trainer.fit(run_dir / "checkpoint", on_step=step_done)
+    export_model(trainer, run_dir / "model", sft_dir, params.model)
     if dist.rank == 0:
-        if lora:
-            write_merged_model(run_dir / "checkpoint", run_dir / "model", sft_dir, params.model)
-        else:
-            with atomic_dir(run_dir / "model") as tmp:
-                copy_checkpoint_files(run_dir / "checkpoint", tmp)
         if metrics_dir is not None:
             outputs.stage_history(run_dir, metrics_dir, estimator, history, final=True)
         outputs.commit(run_dir, out_dir)
+    dist.barrier()  # no rank returns before the outputs are in place
     return history
+
+
+def export_model(trainer: RLTrainer, model_dir: str | Path, base_dir: str | Path, model_cfg) -> None:
+    """Write the stage's final model, once: the full state dict gathered from the ranks (a collective), saved by
+    rank 0 as a plain HF checkpoint (fp32 master weights) with the tokenizer and the history; under LoRA the
+    adapters merged into the base weights of `base_dir` (`tspo_core.train.lora.write_merged_model`)."""
+    import tempfile
+
+    from tspo_core.io import atomic_dir
+    from tspo_core.train.lora import write_merged_model
+
+    full = full_state_dict(trainer.model)
+    if trainer.dist.rank != 0:
+        return
+    model_dir = Path(model_dir)
+    with tempfile.TemporaryDirectory(prefix=f".{model_dir.name}.export.", dir=model_dir.parent) as d:
+        trainer.model.save_pretrained(d, state_dict=full)  # under LoRA: peft writes the adapters alone
+        trainer.tok.save_pretrained(d)
+        (Path(d) / HISTORY_FILE).write_text(json.dumps(trainer.history), encoding="utf-8")
+        if trainer.lora:
+            write_merged_model(d, model_dir, base_dir, model_cfg)
+        else:
+            with atomic_dir(model_dir) as tmp:
+                copy_checkpoint_files(d, tmp)
 
 
 def _checkpoint_of(ckpt_dir: Path, fingerprint: str) -> bool:
