@@ -15,9 +15,9 @@ from tspo_core.config import ModelConfig, load_params
 from tspo_core.errors import ConfigError
 from tspo_core.io import write_jsonl
 from tspo_core.policy import load_policy
-from tspo_core.train.checkpoint import CheckpointError
+from tspo_core.train.checkpoint import CheckpointError, read_tensors
 from tspo_core.train.lora import apply_lora
-from tspo_core.train import rl
+from tspo_core.train import rl_step
 from tspo_core.train.rl import RLTrainer, run_rl, token_logprobs
 
 from conftest import REPO
@@ -83,8 +83,8 @@ def test_the_stage_writes_a_plain_merged_checkpoint_with_the_adapted_logits(tmp_
         "paths.sft_dir": str(tmp_path / "sft"), "paths.data_dir": str(tmp_path / "data"),
         "model.lora_r": 4, "model.lora_alpha": 8, "optim.lr": 1e-2, "train.steps": 2, "retrieval.top_k": 1})
     monkeypatch.setattr("tspo_core.pipeline.open_retriever", lambda retrieval, paths: DictRetriever())
-    real_experience = rl.make_experience  # the untrained policy earns no reward: push its own tokens up instead
-    monkeypatch.setattr(rl, "make_experience", lambda *a: _positive_advantages(real_experience(*a)))
+    real_experience = rl_step.make_experience  # the untrained policy earns no reward: push its own tokens up instead
+    monkeypatch.setattr(rl_step, "make_experience", lambda *a: _positive_advantages(real_experience(*a)))
     captured = {}
     real_fit = RLTrainer.fit
 
@@ -98,7 +98,10 @@ def test_the_stage_writes_a_plain_merged_checkpoint_with_the_adapted_logits(tmp_
     assert [h["step"] for h in history] == [1, 2] and tr.ref is None and tr.lora["r"] == 4
     assert tr.engine.backend.model is tr.model  # rollouts generate with the adapted model
     ckpt, out = tmp_path / "rl" / "checkpoint", tmp_path / "rl" / "model"
-    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    # the training checkpoint (DCP) holds the adapters and their AdamW moments, never the frozen base
+    saved = read_tensors(ckpt)
+    assert saved["model"] and all("lora_" in k for k in saved["model"])
+    assert not list(ckpt.glob("*.safetensors"))
     # the layout the full-parameter path writes: the HF model, the tokenizer, the history; no adapter files
     full_layout = {f.name for f in (tmp_path / "sft").iterdir()} | {"history.json"}
     assert {f.name for f in out.iterdir()} == full_layout

@@ -1,6 +1,7 @@
 """Checkpoint faults through the trainer's public API (`RLTrainer.fit`, `save_checkpoint`, the estimator registry):
 
-- a full disk or an unwritable directory while the checkpoint of step 3 is written: the checkpoint of step 2 stays
+- a full disk (in the DCP shards, the history, the final rename) or an unwritable directory while the checkpoint
+  of step 3 is written: the checkpoint of step 2 stays
   in place byte for byte, nothing half-written is left beside it, and a new trainer resumes from it to the same
   final weights as an uninterrupted run;
 - a NaN / inf loss at one step: that step's optimizer update is skipped and logged, training continues, and no
@@ -76,15 +77,19 @@ ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _fail_weights(monkeypatch, trainer, nth):
-    real = trainer.model.save_pretrained
+    import torch.distributed.checkpoint as dcp
 
-    def save_pretrained(directory, *a, **kw):
-        if nth():  # the disk fills up half-way through the weights
-            (Path(directory) / "model.safetensors").write_bytes(b"\0" * 1000)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
-        return real(directory, *a, **kw)
+    real = dcp.save
 
-    monkeypatch.setattr(trainer.model, "save_pretrained", save_pretrained)
+    def save(state_dict, *a, checkpoint_id, **kw):
+        if nth():  # the disk fills up half-way through the model and optimizer shard
+            shard = Path(checkpoint_id) / "__0_0.distcp"
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            shard.write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(shard))
+        return real(state_dict, *a, checkpoint_id=checkpoint_id, **kw)
+
+    monkeypatch.setattr(dcp, "save", save)
 
 
 def _fail_history(monkeypatch, trainer, nth):
@@ -166,9 +171,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(inject, tmp_path, monkey
 
 
 
-@pytest.mark.parametrize("where", ["torch.save", "save_pretrained"])
+@pytest.mark.parametrize("where", ["torch.save", "dcp-writer"])
 def test_real_disk_full_errors_become_checkpoint_errors(where, tmp_path, monkeypatch):
-    from safetensors import SafetensorError
+    import torch.distributed.checkpoint.filesystem as dcp_fs
 
     from tspo_core.train.checkpoint import CheckpointError
 
@@ -177,12 +182,13 @@ def test_real_disk_full_errors_become_checkpoint_errors(where, tmp_path, monkeyp
         def full(*a, **kw):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
         monkeypatch.setattr(torch, "save", full)
-    else:
+    else:  # DCP's file writer hits a full disk: DCP wraps it in its CheckpointException (a BaseException)
         def full(*a, **kw):
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        monkeypatch.setattr(trainer.model, "save_pretrained", full)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(dcp_fs, "_write_item", full)
     with pytest.raises(CheckpointError, match="cannot write checkpoint"):
         trainer.save(tmp_path / "checkpoint")
+    assert leftovers(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,15 +219,21 @@ def _register_poison() -> str:
 
 
 def _all_finite(ckpt: Path) -> bool:
-    from safetensors.torch import load_file
+    """Every tensor of the checkpoint's DCP state (weights and optimizer moments) is finite."""
+    from tspo_core.train.checkpoint import read_tensors
 
-    from tspo_core.train.checkpoint import load_trainer_state
+    def tensors(x):
+        if torch.is_tensor(x):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from tensors(v)
 
-    tensors = list(load_file(str(ckpt / "model.safetensors")).values())
-    state, _ = load_trainer_state(ckpt)
-    for s in state["optimizer"]["state"].values():
-        tensors += [v for v in s.values() if torch.is_tensor(v)]
-    return all(torch.isfinite(t).all() for t in tensors)
+    found = list(tensors(read_tensors(ckpt)))
+    return len(found) > 10 and all(torch.isfinite(t).all() for t in found)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
@@ -237,7 +249,7 @@ def test_nonfinite_loss_step_is_skipped_logged_and_never_checkpointed(value, tmp
         if ckpt.exists():  # the checkpoint of the previous step
             seen.append((rec["step"] - 1, _all_finite(ckpt)))
 
-    with caplog.at_level(logging.WARNING, logger="tspo_core.train.rl"):
+    with caplog.at_level(logging.WARNING, logger="tspo_core.train"):
         history = trainer.fit(ckpt, on_step=on_step)
     seen.append((len(history), _all_finite(ckpt)))
 

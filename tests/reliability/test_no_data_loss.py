@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from reliability_support import PY, Work, diff_snapshots, error_text, file_sha, leftovers, read_json, snapshot
 
@@ -40,7 +41,7 @@ def test_a_failed_run_of_other_settings_leaves_the_finished_run_intact(work: Wor
     work.set(**{"train.steps": 2, "train.checkpoint_every": 1, "optim.entropy_coef": 0.01})
     run_rl(params_from_dict(work.raw), "tspo", out, metrics_dir=metrics)  # the finished run A
     finished = {rel: sha for rel, sha in snapshot(work.root).items()}
-    assert {"artifacts/rl/tspo/checkpoint/model.safetensors", "artifacts/rl/tspo/model/model.safetensors",
+    assert {"artifacts/rl/tspo/checkpoint/state/__0_0.distcp", "artifacts/rl/tspo/model/model.safetensors",
             "metrics/train_tspo.jsonl", "metrics/train_tspo.csv", "metrics/train_tspo.json"} <= set(finished)
 
     # run B (other settings) dies in its third step, after the checkpoints of steps 1 and 2
@@ -71,7 +72,12 @@ def test_a_failed_run_of_other_settings_leaves_the_finished_run_intact(work: Wor
     assert _lines(metrics / "train_tspo.jsonl") == history
     assert read_json(metrics / "train_tspo.json")["steps"] == 4
     assert (metrics / "train_tspo.csv").read_text().count("\n") == 5  # header + 4 steps
-    assert file_sha(out / "model" / "model.safetensors") == file_sha(out / "checkpoint" / "model.safetensors")
+    from safetensors.torch import load_file
+
+    from tspo_core.train.checkpoint import read_tensors
+
+    final, last = load_file(str(out / "model" / "model.safetensors")), read_tensors(out / "checkpoint")["model"]
+    assert final and all(torch.equal(v, last[k]) for k, v in final.items())  # the model is the last checkpoint
     assert file_sha(out / "model" / "model.safetensors") != finished["artifacts/rl/tspo/model/model.safetensors"]
     assert not (work.path("rl_dir") / ".tspo.next").exists() and not (out / ".pending").exists()
     assert leftovers(work.path("rl_dir")) == [] and leftovers(metrics) == []

@@ -5,11 +5,11 @@
   the trainable parameters) holds AdamW states for the adapters alone. peft injects the adapter layers into the
   model's own modules, so rollouts generate with the adapted model.
 - The KL reference is the same model under peft's `disable_adapter()`: the starting weights, without a second
-  copy of them in memory (`RLTrainer.reference_logprobs`). The full-parameter path keeps its separate frozen
-  reference.
-- Training checkpoints hold the adapters (peft's `save_pretrained`: `adapter_model.safetensors`,
-  `adapter_config.json`) beside the optimizer, scheduler and RNG states. `lora_settings` is stored with them and
-  is part of the trainer's fingerprint: a checkpoint resumes only into a run with the same LoRA settings.
+  copy of them in memory (`rl_step.Reference`). The full-parameter path keeps its separate frozen reference.
+- Training checkpoints (DCP, `tspo_core.train.checkpoint`) hold the adapters and their optimizer states alone
+  beside the scheduler and RNG states. `lora_settings` is stored with them and is part of the trainer's
+  fingerprint: a checkpoint resumes only into a run with the same LoRA settings. With FSDP2 the adapters are
+  injected before the model is sharded.
 - `write_merged_model` writes the stage's final model: the adapters merged into the base weights (in fp32, on the
   CPU), a plain HF checkpoint in the layout the full-parameter path writes, which `load_policy`, evaluation and
   vLLM read without peft.
@@ -25,7 +25,7 @@ import torch
 
 from tspo_core.config import ModelConfig
 from tspo_core.errors import ConfigError
-from tspo_core.train.checkpoint import CheckpointError, copy_checkpoint_files
+from tspo_core.train.checkpoint import copy_checkpoint_files
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
 """What peft's `save_pretrained` writes into a checkpoint (README.md: its model card)."""
@@ -90,20 +90,9 @@ def describe(settings: dict[str, Any] | None) -> str:
             f"{settings['dropout']}, lora_target_modules = {settings['target_modules']})")
 
 
-def load_adapters(model, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """Load adapter weights saved by peft's `save_pretrained` into `model`; the keys must match exactly."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    want, got = set(get_peft_model_state_dict(model)), set(weights)
-    if want != got:
-        raise CheckpointError(f"{source}: adapters do not match the model (missing {sorted(want - got)[:3]}, "
-                              f"unexpected {sorted(got - want)[:3]})")
-    set_peft_model_state_dict(model, weights)
-
-
 def write_merged_model(ckpt_dir: str | Path, model_dir: str | Path, base_dir: str | Path, cfg: ModelConfig) -> None:
-    """Atomically write `model_dir`: the base checkpoint `base_dir` with the adapters of the training checkpoint
-    `ckpt_dir` merged in, saved as a plain HF model (fp32, like the full-parameter path's master weights), with the
+    """Atomically write `model_dir`: the base checkpoint `base_dir` with the adapters in `ckpt_dir` (peft's
+    `save_pretrained` layout, written by `rl.export_model`) merged in, saved as a plain HF model (fp32, like the full-parameter path's master weights), with the
     checkpoint's tokenizer and history files. The merge runs on the CPU (host memory: 4 bytes per parameter)."""
     from peft import PeftModel
 

@@ -1,57 +1,45 @@
-"""RL for search agents: TSPO (default) or GRPO, one loop, the estimator picked from the registry by name.
+"""The RL harness around the step (`tspo_core.train.rl_step`): distributed set-up, checkpoints and resume with
+fingerprints, periodic dev evaluation, the export of the final model, and the stage driver `run_rl`.
 
-Algorithm, per step (TSPO.md, REFERENCE.md "Reference training settings"):
-1. Sample `prompts_per_step` training questions (a pure function of the seed and the step, so a resumed run sees
-   the same questions); each rank takes its share. Group ids are global question indices, made before the G-fold
-   repeat, so groups never merge across questions or ranks.
-2. G rollouts per question with the rollout engine (temperature `rollout.temperature`); rollout log-probs kept.
-3. Rewards: outcome o = EM of the final answer (+ optional format bonus); FOLR first-occurrence turn f from the
-   observation text only; categories and zero-variance group shares are logged.
-4. Advantages (B, T) from `advantage.estimator` (`grpo`, `grpo_folr`, `tspo`, ...), zero off the policy mask.
-5. PPO-clip against the rollout log-probs + k3 KL to the frozen reference (the SFT checkpoint; with LoRA the same
-   model with its adapters disabled, see `tspo_core.train.lora`), token-mean by default; micro-batched with one
-   global denominator, so the result does not depend on micro-batch size or on the number of ranks (gradients are
-   summed across ranks with all-reduce).
-6. A non-finite loss or gradient skips the optimizer step (logged as `skipped_nonfinite`); parameters stay finite.
-7. Optionally (`train.eval_every`), greedy EM on fixed dev subsets after the update, logged as `dev_em` (the
-   unweighted mean over families, like the report's Avg.) and `dev_em_<family>`: learning measured the way the
-   final evaluation measures it, not only on the sampled training rollouts. It runs on rank 0 under a forked RNG,
-   so it does not change the training run.
-
-Plumbing: linear warmup (`optim.warmup_ratio`) then constant LR, as in Search-R1's verl setting; checkpoints with
-optimizer, scheduler and RNG states every `train.checkpoint_every` steps (atomic); `fit` resumes from the last one.
-`model.lora_r > 0` trains peft adapters instead of all parameters (`tspo_core.train.lora`): the optimizer holds the
-trainable parameters only, checkpoints hold the adapters, and the stage's final model has them merged in.
+- `RLTrainer` holds the run's state (policy, `Reference`, optimizer, scheduler, step, history) and calls the step's
+  `collect` and `update`. With world size > 1 the policy (and the frozen reference) are sharded with FSDP2
+  (`tspo_core.train.distributed`); rollouts run on gathered parameters.
+- Optionally (`train.eval_every`), greedy EM on fixed dev subsets after the update, logged as `dev_em` (the
+  unweighted mean over families, like the report's Avg.) and `dev_em_<family>`: learning measured the way the
+  final evaluation measures it. It runs on rank 0 under a forked RNG, so it does not change the training run.
+- Linear warmup (`optim.warmup_ratio`) then constant LR, as in Search-R1's verl setting; checkpoints with optimizer,
+  scheduler and RNG states every `train.checkpoint_every` steps (atomic); `fit` resumes from the last one.
+- `model.lora_r > 0` trains peft adapters instead of all parameters (`tspo_core.train.lora`): the optimizer holds
+  the trainable parameters only, checkpoints hold the adapters, and the stage's final model has them merged in.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tspo_core.agent.advantages import get_advantage
 from tspo_core.agent.diagnostics import category_shares, group_diagnostics
-from tspo_core.agent.losses import entropy_loss, policy_loss
-from tspo_core.agent.rewards import first_occurrence_turn, format_reward, outcome_reward
-from tspo_core.agent.rollout import RolloutBatch, RolloutEngine
-from tspo_core.config import AdvantageConfig, OptimConfig, RewardConfig, RolloutConfig, TrainConfig
+from tspo_core.agent.rollout import RolloutEngine
 from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import restore_interrupted_swap
 from tspo_core.metrics import DEFAULT_NORMALIZATION, exact_match
-from tspo_core.train.checkpoint import STATE_FILE, CheckpointError, copy_checkpoint_files, load_trainer_state, \
-    rng_state, save_checkpoint, set_rng_state
-from tspo_core.train.lora import describe, load_adapters, lora_settings
+from tspo_core.train import rl_step
+from tspo_core.train.checkpoint import HISTORY_FILE, STATE_FILE, CheckpointError, copy_checkpoint_files, \
+    load_checkpoint, load_trainer_state, save_checkpoint
+from tspo_core.train.distributed import Dist, full_state_dict, gathered, shard
+from tspo_core.train.lora import describe, lora_settings
+from tspo_core.train.rl_step import Experience, Reference, RLSettings, token_logprobs
+
+__all__ = ["Dist", "Experience", "RLSettings", "RLTrainer", "TrainingError", "dev_subsets", "greedy_dev_em",
+           "run_rl", "token_logprobs"]
 
 log = logging.getLogger(__name__)
 
@@ -60,140 +48,15 @@ class TrainingError(TSPOError):
     """The run cannot go on (e.g. it would train zero steps, or every step was skipped)."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# algorithm: rewards -> advantages
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Experience:
-    batch: RolloutBatch
-    outcome: torch.Tensor  # (B,) float: EM (+ format bonus)
-    em: torch.Tensor  # (B,) float: EM alone
-    first_occurrence: torch.Tensor  # (B,) long, -1 = the answer never appeared in an observation
-    advantages: torch.Tensor  # (B, T) float, 0 off the policy mask
-
-
-def score(batch: RolloutBatch, reward: RewardConfig,
-          normalization: str = DEFAULT_NORMALIZATION) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(outcome, em, first_occurrence) per rollout, from the final answer and the observation text only, answers
-    matched under `normalization` (`eval.answer_normalization`)."""
-    em, outcome, first = [], [], []
-    for r in batch.rollouts:
-        golds = r.example.golden_answers
-        o = outcome_reward(r.answer, golds, normalization)
-        em.append(o)
-        outcome.append(o + (format_reward(r.turns, reward.format_bonus) if reward.format_bonus else 0.0))
-        f = first_occurrence_turn(r.observations, golds, normalization)
-        first.append(-1 if f is None else f)
-    return (torch.tensor(outcome, dtype=torch.float32), torch.tensor(em, dtype=torch.float32),
-            torch.tensor(first, dtype=torch.long))
-
-
-def make_experience(batch: RolloutBatch, reward: RewardConfig, advantage: AdvantageConfig,
-                    normalization: str = DEFAULT_NORMALIZATION) -> Experience:
-    outcome, em, first = score(batch, reward, normalization)
-    t = batch.tensors
-    adv = get_advantage(advantage.estimator)(outcome=outcome, first_occurrence=first, group_ids=batch.group_ids,
-                                             turn_index=t.turn_index, policy_mask=t.policy_mask,
-                                             alpha=reward.folr_alpha, eps=advantage.eps)
-    return Experience(batch, outcome, em, first, adv)
-
-
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logp[:, t] = log p(ids[t] | ids[<t]) at the sampling temperature, (B, T); column 0 is 0 (no context)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if temperature > 0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    pad = torch.zeros_like(logp[:, :1])
-    entropy = None
-    if with_entropy:
-        entropy = torch.cat([pad, -(logp_all.exp() * logp_all).sum(-1)], dim=1)
-    return torch.cat([pad, logp], dim=1), entropy
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# plumbing: distributed helpers
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` over ranks in place. NCCL reduces only CUDA tensors: a CPU tensor (the loss denominator, the
-        finite flag) travels through the current GPU and back."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not x.is_cuda and dist.get_backend() == "nccl":
-                y = x.cuda()
-                dist.all_reduce(y, op=dist.ReduceOp.SUM)
-                x.copy_(y.cpu())
-            else:
-                dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
-
-    def all_sum_grads(self, grads: Sequence[torch.Tensor], bucket_elems: int = 1 << 25) -> None:
-        """Sum gradients over ranks in place, a few large all-reduces instead of one per parameter: gradients of
-        one dtype and device are packed into flat buckets of up to `bucket_elems` elements (128 MB of fp32, so
-        the extra memory stays bounded for a 7B model), reduced, and copied back; a bucket of one gradient (a large
-        embedding alone) is reduced in place, without a copy. Elementwise the same sums."""
-        if self.world == 1:
-            return
-        bucket: list[torch.Tensor] = []
-        size = 0
-
-        def flush() -> None:
-            if len(bucket) == 1 and bucket[0].is_contiguous():
-                self.all_sum(bucket[0])
-                return
-            flat = self.all_sum(torch.cat([g.reshape(-1) for g in bucket]))
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-
-        for g in sorted(grads, key=lambda g: (str(g.device), str(g.dtype))):
-            if bucket and (size + g.numel() > bucket_elems or (g.device, g.dtype) != (bucket[0].device,
-                                                                                    bucket[0].dtype)):
-                flush()
-                bucket, size = [], 0
-            bucket.append(g)
-            size += g.numel()
-        if bucket:
-            flush()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the trainer
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RLSettings:
-    rollout: RolloutConfig
-    reward: RewardConfig
-    advantage: AdvantageConfig
-    optim: OptimConfig
-    train: TrainConfig
-    answer_normalization: str = DEFAULT_NORMALIZATION  # `eval.answer_normalization`: the reward's EM and FOLR
-
-
 class RLTrainer:
     """The RL loop over `model`. A peft LoRA model (`tspo_core.train.lora.apply_lora`) trains its adapters only
-    and is its own KL reference with the adapters disabled: pass `ref_model=None` with it."""
+    and is its own KL reference with the adapters disabled: pass `ref_model=None` with it. With `dist.world > 1`
+    (a process group set up) the policy and the reference are sharded with FSDP2 in place (`bf16`: a bf16
+    mixed-precision policy), before the optimizer is built over the trainable parameters."""
 
     def __init__(self, model, ref_model, tokenizer, engine: RolloutEngine, questions: Sequence[QAExample],
                  cfg: RLSettings, dist: Dist = Dist(), start_id: str = "",
-                 dev_sets: Mapping[str, Sequence[QAExample]] | None = None):
+                 dev_sets: Mapping[str, Sequence[QAExample]] | None = None, bf16: bool = False):
         if not questions:
             raise TrainingError("RL training set is empty")
         self.dev_sets = {k: list(v) for k, v in (dev_sets or {}).items() if v}
@@ -205,6 +68,21 @@ class RLTrainer:
         if self.lora and ref_model is not None:
             raise TrainingError("a LoRA policy is its own KL reference (its adapters disabled); pass ref_model=None "
                                 "instead of a second copy of the base weights")
+        if ref_model is not None:
+            ref_model.eval()
+            for p in ref_model.parameters():
+                p.requires_grad_(False)
+        if dist.world > 1:
+            # every rank must run as many forwards as the others (FSDP gathers each layer): equal shares
+            n = min(cfg.train.prompts_per_step, len(self.questions))
+            if n % dist.world:
+                raise ConfigError(f"train.prompts_per_step: {n} questions per step do not split evenly over "
+                                  f"{dist.world} ranks")
+            for m in (model, ref_model):
+                if m is not None:
+                    shard(m, bf16)
+        self.reference = (Reference(ref_model, cfg) if ref_model is not None else
+                          Reference(model, cfg, adapters_disabled=True) if self.lora else None)
         o = cfg.optim
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
                                      betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -212,127 +90,38 @@ class RLTrainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
         self.step = 0
         self.history: list[dict] = []
-        if ref_model is not None:
-            ref_model.eval()
-            for p in ref_model.parameters():
-                p.requires_grad_(False)
 
-    # -- data -------------------------------------------------------------------------------------------------
+    # -- the step (tspo_core.train.rl_step) ---------------------------------------------------------------------
     def questions_for(self, step: int) -> tuple[list[QAExample], int]:
-        """This rank's questions for `step` and the global index of its first one (its group-id offset)."""
-        P = self.cfg.train.prompts_per_step
-        rng = random.Random(self.cfg.train.seed * 1_000_003 + step)
-        chosen = [self.questions[i] for i in rng.sample(range(len(self.questions)), min(P, len(self.questions)))]
-        per_rank = math.ceil(len(chosen) / self.dist.world)
-        start = self.dist.rank * per_rank
-        return chosen[start:start + per_rank], step * P + start
+        return rl_step.questions_for(self.questions, step, self.cfg.train, self.dist.rank, self.dist.world)
 
-    # -- one step ---------------------------------------------------------------------------------------------
     def collect(self, step: int) -> Experience:
-        questions, offset = self.questions_for(step)
-        torch.manual_seed((self.cfg.train.seed * 7919 + step * 104_729 + self.dist.rank) % 2**64)  # 64-bit seed
-        self.model.eval()
-        batch = self.engine.run(questions, self.cfg.rollout.group_size, self.cfg.rollout.temperature,
-                                self.cfg.rollout.top_p, group_offset=offset)
-        return make_experience(batch, self.cfg.reward, self.cfg.advantage, self.cfg.answer_normalization)
+        with gathered(self.model):
+            return rl_step.collect(self.model, self.engine, self.questions, step, self.cfg, self.dist.rank,
+                                   self.dist.world)
 
     def update(self, exp: Experience) -> dict[str, float]:
-        """PPO epochs over mini-batches of the experience; returns mean loss metrics and the step flags."""
-        o, tcfg = self.cfg.optim, self.cfg.train
-        t, B = exp.batch.tensors, len(exp.batch.rollouts)
-        temp = self.cfg.rollout.temperature
-        device = next(self.model.parameters()).device
-        n_mini = max(1, round(B * self.dist.world / tcfg.mini_batch_size))
-        bounds = [round(i * B / n_mini) for i in range(n_mini + 1)]
-        lengths = t.attention_mask.sum(1)  # (B,)
-
-        def take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return _take(x, rows, lengths, device)
-
-        ref_logp = self.reference_logprobs(exp)
-        sums: dict[str, float] = {}
-        skipped = 0
-        self.model.train()
-        for _ in range(tcfg.ppo_epochs):
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                mask = t.policy_mask[lo:hi]
-                local = (mask.sum() if o.loss_agg == "token-mean" else (mask.sum(1) > 0).sum()).double()
-                denom = float(self.dist.all_sum(local.clone()).clamp(min=1))
-                self.opt.zero_grad(set_to_none=True)
-                metrics_acc: dict[str, float] = {}
-                for rows in self._micro(range(lo, hi), lengths):
-                    policy_mask = take(t.policy_mask, rows)
-                    logp, ent = token_logprobs(self.model, take(t.input_ids, rows), take(t.attention_mask, rows),
-                                               temp, with_entropy=True)
-                    loss, m = policy_loss(
-                        logp, take(exp.batch.logprobs, rows), take(exp.advantages, rows), policy_mask,
-                        ref_logp=None if ref_logp is None else take(ref_logp, rows), entropy=ent.detach(),
-                        clip_ratio=o.clip_ratio, kl_coef=o.kl_coef, entropy_coef=0.0, agg=o.loss_agg,
-                        denominator=denom, kl_clamp=o.kl_clamp)
-                    if o.entropy_coef:
-                        e_loss, _ = entropy_loss(ent, policy_mask, agg=o.loss_agg, denominator=denom)
-                        loss = loss + o.entropy_coef * e_loss
-                    loss.backward()
-                    for k, v in m.items():
-                        metrics_acc[k] = metrics_acc.get(k, 0.0) + v * len(rows) / (hi - lo)
-                self.dist.all_sum_grads([p.grad for p in self.model.parameters() if p.grad is not None])
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-                finite = torch.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics_acc.values())
-                finite = bool(self.dist.all_sum(torch.tensor(0.0 if finite else 1.0)) == 0)
-                if finite:
-                    self.opt.step()
-                else:
-                    skipped += 1
-                    log.warning("step %d: non-finite loss or gradient, optimizer step skipped", self.step)
-                    self.opt.zero_grad(set_to_none=True)
-                metrics_acc["grad_norm"] = float(grad_norm)
-                for k, v in metrics_acc.items():
-                    sums[k] = sums.get(k, 0.0) + v / (n_mini * tcfg.ppo_epochs)
-        if skipped < n_mini * tcfg.ppo_epochs:  # a fully skipped step does not advance the schedule
-            self.sched.step()
-        sums["skipped_nonfinite"] = float(skipped)
-        sums["lr"] = self.sched.get_last_lr()[0]
-        return sums
+        return rl_step.update(self.model, self.opt, self.sched, exp, self.reference, self.cfg, self.dist.all_sum,
+                              self.dist.world, self.step)
 
     def reference_logprobs(self, exp: Experience) -> torch.Tensor | None:
-        """(B, T) log-probs of the rollouts under the KL reference; None without KL (`optim.kl_coef: 0`, or no
-        reference model). The reference is the frozen `ref_model`, or for a LoRA policy the policy itself under
-        peft's `disable_adapter()` (in eval mode): the starting weights, with no second copy of them loaded."""
-        if self.cfg.optim.kl_coef <= 0 or (self.ref is None and not self.lora):
+        """(B, T) log-probs of the rollouts under the KL reference; None without KL."""
+        if self.cfg.optim.kl_coef <= 0 or self.reference is None:
             return None
-        t, B = exp.batch.tensors, len(exp.batch.rollouts)
-        device = next(self.model.parameters()).device
-        lengths = t.attention_mask.sum(1)
-        ref, disabled, was_training = self.ref, contextlib.nullcontext(), self.model.training
-        if ref is None:
-            ref, disabled = self.model, self.model.disable_adapter()
-            self.model.eval()
-        ref_logp = torch.zeros_like(exp.batch.logprobs)
-        with torch.no_grad(), disabled:
-            for rows in self._micro(range(B), lengths):
-                lp = token_logprobs(ref, _take(t.input_ids, rows, lengths, device),
-                                   _take(t.attention_mask, rows, lengths, device), self.cfg.rollout.temperature)[0]
-                ref_logp[rows, :lp.shape[1]] = lp.cpu()
-        self.model.train(was_training)
-        return ref_logp
+        return self.reference.logprobs(exp.batch)
 
     def dev_em(self, batch_size: int = 64) -> dict[str, float]:
-        """`greedy_dev_em` of the current policy (rank 0 only; {} elsewhere). The RNG is forked, so evaluating
-        does not change the training run."""
-        if self.dist.rank != 0 or not self.dev_sets:
+        """`greedy_dev_em` of the current policy (rank 0 only; {} elsewhere; every rank must call it under FSDP).
+        The RNG is forked, so evaluating does not change the training run."""
+        if not self.dev_sets:
             return {}
         was_training = self.model.training
         self.model.eval()
-        with torch.random.fork_rng(devices=[]):
-            out = greedy_dev_em(self.engine, self.dev_sets, batch_size, self.cfg.answer_normalization)
+        with gathered(self.model), torch.random.fork_rng(devices=[]):
+            out = (greedy_dev_em(self.engine, self.dev_sets, batch_size, self.cfg.answer_normalization)
+                   if self.dist.rank == 0 else {})
         self.model.train(was_training)
         return out
-
-    def _micro(self, rows: Sequence[int], lengths: torch.Tensor) -> list[torch.Tensor]:
-        """Micro-batches of `rows`, sorted by length so each is padded only to its own longest rollout."""
-        order = sorted(rows, key=lambda r: int(lengths[r]))
-        mb = self.cfg.train.micro_batch_size
-        return [torch.tensor(order[i:i + mb]) for i in range(0, len(order), mb)]
 
     def train_step(self) -> dict[str, float]:
         t0 = time.monotonic()
@@ -368,21 +157,21 @@ class RLTrainer:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def state(self) -> dict:
-        state = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": self.opt.state_dict(),
-                 "scheduler": self.sched.state_dict(), "rng": rng_state()}
+        """What `trainer_state.pt` holds beside the DCP model/optimizer state and the per-rank RNG files."""
+        state = {"step": self.step, "fingerprint": self.fingerprint, "scheduler": self.sched.state_dict()}
         if self.lora:  # a full-parameter checkpoint has no "lora" entry
             state["lora"] = self.lora
         return state
 
     def save(self, path: str | Path) -> None:
-        if self.dist.rank == 0:
-            save_checkpoint(path, self.model, self.tok, self.state(), self.history)
+        """A DCP checkpoint (`tspo_core.train.checkpoint`); every rank must call it."""
+        save_checkpoint(path, self.model, self.opt, self.tok, self.state(), self.history, self.dist,
+                        trainable_only=bool(self.lora))
 
     def resume(self, path: str | Path) -> None:
         """Load model weights (a LoRA run: its adapters), optimizer, scheduler, RNG and history from a checkpoint
-        written by `save`. A checkpoint of other settings fails, naming the LoRA settings when those differ."""
-        from safetensors.torch import load_file
-
+        written by `save`, by any number of ranks. A checkpoint of other settings fails, naming the LoRA settings
+        when those differ."""
         path = Path(path)
         state, history = load_trainer_state(path)
         if state.get("lora") != self.lora:
@@ -391,30 +180,17 @@ class RLTrainer:
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"{path}: checkpoint of other settings (fingerprint {state.get('fingerprint')}, "
                                   f"this run {self.fingerprint}); it cannot resume from it")
-        weights = sorted(path.glob("*.safetensors"))
-        if not weights:
-            raise CheckpointError(f"{path}: no model weights to resume from")
-        sd = {}
-        for w in weights:
-            sd.update(load_file(str(w)))
-        if self.lora:
-            load_adapters(self.model, sd, path)
-        else:
-            missing, unexpected = self.model.load_state_dict(sd, strict=False)
-            if unexpected or [m for m in missing if "lm_head" not in m]:
-                raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                                      f"unexpected {unexpected[:3]})")
-        self.opt.load_state_dict(state["optimizer"])
+        load_checkpoint(path, self.model, self.opt, self.dist, trainable_only=bool(self.lora))
         self.sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         self.step, self.history = state["step"], history
 
     def fit(self, ckpt_dir: str | Path, on_step: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
         """Train to `train.steps`, resuming from `ckpt_dir` when it holds a checkpoint; returns the history.
         `on_step(record, history)` is called after every step with the full history so far (resumed steps too)."""
         ckpt_dir = Path(ckpt_dir)
-        if restore_interrupted_swap(ckpt_dir):
+        if self.dist.rank == 0 and restore_interrupted_swap(ckpt_dir):
             log.warning("%s: restored the checkpoint a crash left moved aside", ckpt_dir)
+        self.dist.barrier()
         if (ckpt_dir / STATE_FILE).exists():
             stored_state = load_trainer_state(ckpt_dir)[0]
             if stored_state.get("fingerprint") != self.fingerprint:
@@ -458,11 +234,10 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     """
     from tspo_core.config import AdvantageConfig, check_rl_rollout
     from tspo_core.data.loaders import load_flashrag_jsonl
-    from tspo_core.io import atomic_dir
     from tspo_core.pipeline import device, make_engine, open_retriever, prepare_for_training, training_precision
     from tspo_core.policy import load_policy
     from tspo_core.train import outputs
-    from tspo_core.train.lora import apply_lora, write_merged_model
+    from tspo_core.train.lora import apply_lora
 
     check_rl_rollout(params.rollout)
     if params.rollout.backend == "vllm":
@@ -487,10 +262,10 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     cfg = RLSettings(params.rollout, params.reward, adv, params.optim, params.train, params.eval.answer_normalization)
     dev_sets = dev_subsets(params) if params.train.eval_every else None
     trainer = RLTrainer(policy, ref, tokenizer, engine, questions, cfg, dist, start_id=_dir_id(sft_dir),
-                        dev_sets=dev_sets)
+                        dev_sets=dev_sets, bf16=params.model.dtype == "bfloat16")
     if dist.rank == 0:
         outputs.recover(out_dir)
-    dist.all_sum(torch.zeros(1))  # every rank sees the recovered directory before it picks where to train
+    dist.barrier()  # every rank sees the recovered directory before it picks where to train
     run_dir = out_dir if _checkpoint_of(out_dir / "checkpoint", trainer.fingerprint) else outputs.staging_dir(out_dir)
     if dist.rank == 0 and run_dir != out_dir and not _checkpoint_of(run_dir / "checkpoint", trainer.fingerprint):
         outputs.discard_pending(run_dir)  # the history of an abandoned run of other settings
@@ -503,16 +278,37 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
 
     with autocast:
         history = trainer.fit(run_dir / "checkpoint", on_step=step_done)
+    export_model(trainer, run_dir / "model", sft_dir, params.model)
     if dist.rank == 0:
-        if lora:
-            write_merged_model(run_dir / "checkpoint", run_dir / "model", sft_dir, params.model)
-        else:
-            with atomic_dir(run_dir / "model") as tmp:
-                copy_checkpoint_files(run_dir / "checkpoint", tmp)
         if metrics_dir is not None:
             outputs.stage_history(run_dir, metrics_dir, estimator, history, final=True)
         outputs.commit(run_dir, out_dir)
+    dist.barrier()  # no rank returns before the outputs are in place
     return history
+
+
+def export_model(trainer: RLTrainer, model_dir: str | Path, base_dir: str | Path, model_cfg) -> None:
+    """Write the stage's final model, once: the full state dict gathered from the ranks (a collective), saved by
+    rank 0 as a plain HF checkpoint (fp32 master weights) with the tokenizer and the history; under LoRA the
+    adapters merged into the base weights of `base_dir` (`tspo_core.train.lora.write_merged_model`)."""
+    import tempfile
+
+    from tspo_core.io import atomic_dir
+    from tspo_core.train.lora import write_merged_model
+
+    full = full_state_dict(trainer.model)
+    if trainer.dist.rank != 0:
+        return
+    model_dir = Path(model_dir)
+    with tempfile.TemporaryDirectory(prefix=f".{model_dir.name}.export.", dir=model_dir.parent) as d:
+        trainer.model.save_pretrained(d, state_dict=full)  # under LoRA: peft writes the adapters alone
+        trainer.tok.save_pretrained(d)
+        (Path(d) / HISTORY_FILE).write_text(json.dumps(trainer.history), encoding="utf-8")
+        if trainer.lora:
+            write_merged_model(d, model_dir, base_dir, model_cfg)
+        else:
+            with atomic_dir(model_dir) as tmp:
+                copy_checkpoint_files(d, tmp)
 
 
 def _checkpoint_of(ckpt_dir: Path, fingerprint: str) -> bool:
@@ -554,11 +350,6 @@ def dev_subsets(params) -> dict[str, list[QAExample]]:
         raise ConfigError(f"train.eval_every = {params.train.eval_every} but no dataset in eval.datasets has a dev "
                           f"split under {params.paths.data_dir}; set train.eval_every: 0")
     return out
-
-
-def _take(x: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, device) -> torch.Tensor:
-    """Rows of a micro-batch, cut to its longest rollout (length-sorted micro-batches pad little)."""
-    return x[rows, :int(lengths[rows].max())].to(device)
 
 
 def _dir_id(path: Path) -> str:
