@@ -1,7 +1,8 @@
 """Stage `train@<estimator>`: TSPO or GRPO RL from the SFT checkpoint (resumes from its last checkpoint).
 
 Several processes: `torchrun --nproc_per_node N -m flows.train --params params.yaml --estimator tspo`
-(gloo on CPU, NCCL on GPUs); each rank rolls out its share of the questions, gradients are summed.
+(gloo on CPU, NCCL on GPUs); each rank rolls out its share of the questions; the policy and the reference are
+sharded with FSDP2 (`tspo_core.train.distributed`) and checkpoints are DCP (`tspo_core.train.checkpoint`).
 
 The run's outputs (checkpoint, model, `train_<estimator>.{jsonl,csv,json}`) change together, when it ends well:
 a run of other settings trains beside the finished one (`tspo_core.train.outputs`).
