@@ -107,6 +107,7 @@ def unit_params(base, arm: str, seed: int, method: str, scratch: Path, eval_ever
     raw["paths"].update(sft_dir=str(scratch / sft_name / "sft"), rl_dir=str(own / "rl"),
                         metrics_dir=str(own / "metrics"), eval_dir=str(own / "eval"), report_dir=str(own / "report"))
     raw["sft"]["seed"] = seed
+    raw["sft"]["max_minutes"] = 1e6  # the step count decides: a time cap binds under load and changes the model
     if arm == "control":
         raw["sft"]["verbose_share"] = 0.0
     raw["train"].update(seed=seed, eval_every=eval_every)

@@ -179,3 +179,18 @@ def test_sft_learns_a_repeated_trajectory():
                      SFTConfig(max_steps=40, batch_size=4, warmup_steps=2, lr=1e-2, obs_loss_weight=0.5))
     assert hist[-1]["loss"] < 0.2 * hist[0]["loss"]
     assert hist[-1]["token_acc"] == 1.0
+
+
+def test_a_binding_time_cap_stops_early_and_says_so(caplog, monkeypatch):
+    # the cap is a guard: when it binds, the model depends on the machine's load, so it is logged naming the key
+    import tspo_core.train.sft as sft
+
+    tok = tokenizer()
+    segments = _segments(tok)
+    model = build_tiny_model(TinyModelConfig(), tok)
+    clock = iter([0.0] + [1e9] * 100)  # t0, then every later reading is far past the cap
+    monkeypatch.setattr(sft.time, "monotonic", lambda: next(clock))
+    with caplog.at_level("WARNING", logger="tspo_core.train.sft"):
+        hist = sft_train(model, tok.pad_token_id, segments, SFTConfig(max_steps=5, max_minutes=1.0, batch_size=4))
+    assert len(hist) == 0
+    assert "sft.max_minutes (1) reached after 0 of 5 steps" in caplog.text

@@ -19,6 +19,7 @@ next-token loss on the policy's tokens only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -36,6 +37,8 @@ from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError
 from tspo_core.metrics import contains_answer
 from tspo_core.runinfo import environment
+
+log = logging.getLogger(__name__)
 
 
 def oracle_turns(example: QAExample, rng: random.Random, imperfect: bool, premature: bool = False,
@@ -212,7 +215,12 @@ def sft_train(model, pad_id: int, segments: Sequence[Sequence], cfg: SFTConfig,
     step = 0
     while step < cfg.max_steps:
         for idx in _batches(lengths, cfg.batch_size, rng):
-            if step >= cfg.max_steps or time.monotonic() - t0 > cfg.max_minutes * 60:
+            if step >= cfg.max_steps:
+                return history
+            if time.monotonic() - t0 > cfg.max_minutes * 60:
+                log.warning("sft.max_minutes (%g) reached after %d of %d steps: this model depends on the machine's "
+                            "speed and load; raise sft.max_minutes so that sft.max_steps decides", cfg.max_minutes,
+                            step, cfg.max_steps)
                 return history
             t = build_masks([segments[i] for i in idx], pad_id=pad_id)
             ids, attn = t.input_ids.to(device), t.attention_mask.to(device)
@@ -341,7 +349,7 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
                "imperfect": sum(k != "oracle" for k in kinds),
                "premature": sum(k == "premature" for k in kinds),
                "verbose": sum(verbose), "trajectory_seconds": round(t_data, 1),
-               "steps": len(history), "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
+               "steps": len(history), "stopped_by_time_cap": len(history) < cfg.max_steps, "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
                "final_loss": sum(h["loss"] for h in history[-20:]) / max(len(history[-20:]), 1),
                "final_token_acc": sum(h["token_acc"] for h in history[-20:]) / max(len(history[-20:]), 1),
                **validate_protocol(engine, dev), "meta": {"environment": environment()}}
