@@ -2,7 +2,8 @@
 tmp, working copies whose stage CLIs run as real processes, one Prefect API server for all of them, retrieval
 servers (from benchmarks/load_retrieval.py), file snapshots, polling and killing by PID.
 
-Every process started here binds to 127.0.0.1 and is stopped by its PID in a `finally` block.
+Every process started here binds to 127.0.0.1 (torch's TCPStore excepted: see `Work.torchrun`) and is stopped by
+its PID (torchrun and its ranks: their process groups) in a `finally` block.
 """
 
 from __future__ import annotations
@@ -206,6 +207,40 @@ class Work:
             return subprocess.Popen(self.cmd(stage, *args), cwd=self.root, env=self.env(env), stdout=fh,
                                     stderr=subprocess.STDOUT)
 
+    def torchrun(self, stage: str, *args: str, log: Path, nproc: int = 2, params: Path | str | None = None
+                 ) -> subprocess.Popen:
+        """`torchrun --nproc-per-node <nproc> -m flows.<stage> ...` in a session of its own: rendezvous at
+        127.0.0.1 on a free port, gloo's connections between ranks on the loopback interface. (torch's TCPStore
+        server, torchrun's rendezvous store here and rank 0's in `ranks`, listens on the wildcard address: torch
+        has no option to bind it to one.) torchrun starts every rank in a session of its own too: stop the lot
+        with `kill_tree`, in a `finally` block."""
+        self.api.wait()
+        launcher = [PY, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+                    "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        with open(log, "wb") as fh:
+            return subprocess.Popen(launcher + self.cmd(stage, *args, params=params)[1:], cwd=self.root,
+                                    env=self.env(LOOPBACK_GLOO), stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def ranks(self, stage: str, *args: str, log_dir: Path, nproc: int = 2) -> list[subprocess.Popen]:
+        """The stage CLI as `nproc` rank processes started directly (the environment torchrun would give them), so
+        each rank's own exit status and stderr (`log_dir/rank<r>.log`) can be checked; each in a session of its
+        own (stop them with `kill_tree`)."""
+        self.api.wait()
+        dist_env = {**LOOPBACK_GLOO, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                    "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+        procs = []
+        for r in range(nproc):
+            with open(log_dir / f"rank{r}.log", "wb") as fh:
+                procs.append(subprocess.Popen(self.cmd(stage, *args), cwd=self.root,
+                                              env=self.env({**dist_env, "RANK": str(r), "LOCAL_RANK": str(r)}),
+                                              stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+        return procs
+
+
+LOOPBACK_GLOO = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+"""gloo's connections between ranks on the loopback interface only; one thread per rank (torchrun's default)."""
+
 
 def error_text(stderr: str) -> str:
     """What the CLI printed after its final `error: ` (flows.common.main's message for bad input)."""
@@ -217,6 +252,49 @@ def kill_process(proc: subprocess.Popen) -> None:
     """SIGKILL by PID (no-op when it already exited), then reap."""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of `pid` (Linux: /proc/<pid>/task/*/children), children first."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop(0)
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids = [int(c) for c in children.read_text().split()]
+            except OSError:  # the task exited meanwhile
+                continue
+            found += [k for k in kids if k not in found]
+            todo += kids
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie awaiting its reaper has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of `proc` (started with `start_new_session=True`) and that of each of its
+    descendants (torchrun puts every rank in a session of its own), all at once; then reap `proc`. Only groups
+    led by a process this test started, or by one of their descendants, are signalled."""
+    groups = []
+    for pid in [proc.pid, *descendants(proc.pid)] if proc.poll() is None else []:  # a reaped PID may be reused
+        try:
+            groups.append(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    for group in dict.fromkeys(groups):
+        if group == os.getpgid(0):  # never this test process's own group
+            continue
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=60)
 
 

@@ -4,6 +4,9 @@ run with the same seed, nothing is duplicated or lost, and no temporary leftover
 - train: killed after the checkpoint of a random step k; no output of the stage exists yet (the run trains in a
   staging sibling); the rerun resumes from the checkpoint the killed run left (logged: "resumed from ... at step
   k'") and its per-step metrics and final weights equal those of an uninterrupted run. tests/test_rl.py checks `RLTrainer.fit` resume in-process; here it goes through the real CLI processes.
+- train on 2 ranks (`torchrun --nproc-per-node 2`, FSDP2 on gloo, DCP checkpoints): the same, torchrun and both
+  ranks killed together after a checkpoint, the rerun on 2 ranks against an uninterrupted 2-rank run; and a 2-rank
+  checkpoint with a truncated shard fails the resume on each rank with one `error:` line naming the shard (exit 2).
 - evaluate: killed after a random number of result rows (a torn half row is appended, as a kill inside a write
   leaves it); the rerun skips the finished rows and each dataset's rows equal the uninterrupted run's, each id once.
 - index (dense): killed after a random number of encoded shards; the rerun reuses exactly the finished shards and
@@ -21,14 +24,16 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from reliability_support import (Work, deep, diff_snapshots, file_sha, kill_process, leftovers, read_json,
-                                 set_dotted, snapshot, wait_for, without)
+from reliability_support import (Work, deep, descendants, diff_snapshots, error_text, file_sha, kill_process,
+                                 kill_tree, leftovers, read_json, running, set_dotted, snapshot, tiny_params, wait_for,
+                                 without)
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -99,6 +104,115 @@ def test_train_killed_after_a_random_checkpoint_resumes_to_the_uninterrupted_res
     assert math.isclose(summary["entropy_last20pct"], sum(r["entropy"] for r in tail) / len(tail), rel_tol=1e-12)
     assert leftovers(work.path("rl_dir")) == [], where  # a checkpoint half-written at the kill is cleaned up
     assert not ckpt.parent.exists(), where  # the staging directory became the stage's output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train on 2 ranks
+# ----------------------------------------------------------------------------------------------------------------
+TWO_RANK = {"train.steps": 5, "train.checkpoint_every": 1, "train.prompts_per_step": 4, "optim.entropy_coef": 0.01}
+"""Few steps of the tiny model; 4 questions per step split 2 + 2 over the ranks; entropy_coef > 0: every step moves
+the weights even when all rewards are 0."""
+
+
+def _train_to_end(work: Work, log: Path, timeout: float = 240, **kw) -> None:
+    """A 2-rank train CLI run to its end (torchrun and the ranks killed if it outlasts `timeout`)."""
+    proc = work.torchrun("train", "--estimator", "tspo", log=log, **kw)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(prefect_api, base_world, tmp_path_factory) -> Work:
+    """An uninterrupted 2-rank run of the train CLI (`TWO_RANK` settings) in a copy of the tiny world."""
+    root = tmp_path_factory.mktemp("two-rank-ref")
+    for part in ("data", "artifacts"):
+        shutil.copytree(base_world / part, root / part)
+    ref = Work(root, prefect_api, tiny_params(root, TWO_RANK))
+    ref.write()
+    _train_to_end(ref, root / "train.log")
+    return ref
+
+
+@pytest.mark.timeout(420)
+def test_train_on_two_ranks_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
+        two_rank_reference: Work, work: Work, tmp_path):
+    """torchrun and both ranks SIGKILLed (their process groups) after the checkpoint of a random step k; the rerun on
+    2 ranks resumes from the 2-rank DCP checkpoint and its per-step metrics and final weights equal the uninterrupted
+    2-rank run's exactly (bit for bit: a 2-rank gloo sum is a + b on both runs; measured, no tolerance needed)."""
+    from tspo_core.train.checkpoint import load_trainer_state
+
+    ref = two_rank_reference
+    steps = TWO_RANK["train.steps"]
+    reference = _lines(ref.path("metrics_dir") / "train_tspo.jsonl")
+    assert [r["step"] for r in reference] == list(range(1, steps + 1))
+    assert len({json.dumps(r["entropy"]) for r in reference}) > 1  # the metrics do vary from step to step
+
+    work.set(**TWO_RANK)
+    k = _rng("train-2-ranks").randint(1, steps - 3)  # at least 3 steps left: the kill lands before the end
+    where = f"(seed {SEED}: kill after the checkpoint of step {k})"
+    out = work.path("rl_dir") / "tspo"
+    ckpt = work.path("rl_dir") / ".tspo.next" / "checkpoint"
+    proc = work.torchrun("train", "--estimator", "tspo", log=tmp_path / "killed.log")
+    ranks = []
+    try:
+        wait_for(lambda: len(read_json(ckpt / "history.json")) >= k, proc, what=f"checkpoint {k} {where}")
+        ranks = descendants(proc.pid)
+    finally:
+        kill_tree(proc)  # torchrun and both ranks at once (each rank in a process group of its own)
+    assert proc.returncode == -signal.SIGKILL and len(ranks) == 2, (ranks, where)
+    wait_for(lambda: not any(running(pid) for pid in ranks), timeout=30, what=f"ranks {ranks} gone {where}")
+
+    state, history = load_trainer_state(ckpt)  # what the killed run left is a loadable 2-rank checkpoint
+    at = state["step"]
+    assert k <= at < steps and len(history) == at and state["world_size"] == 2, where
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {f.name for f in (ckpt / "state").iterdir()}, where
+    assert not out.exists(), where
+    assert not (work.path("metrics_dir") / "train_tspo.jsonl").exists(), where
+
+    _train_to_end(work, tmp_path / "rerun.log")
+    assert f"resumed from {ckpt} at step {at}" in (tmp_path / "rerun.log").read_text(errors="replace"), where
+
+    rows = _lines(work.path("metrics_dir") / "train_tspo.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), where
+    assert without(rows) == without(reference), where  # exactly: 2 gloo ranks reduce reproducibly
+    assert file_sha(out / "model" / "model.safetensors") == \
+        file_sha(ref.path("rl_dir") / "tspo" / "model" / "model.safetensors"), where
+    assert read_json(work.path("metrics_dir") / "train_tspo.json") == read_json(ref.path("metrics_dir") /
+                                                                                 "train_tspo.json"), where
+    assert leftovers(work.path("rl_dir")) == [], where  # a checkpoint half-written at the kill is cleaned up
+    assert not ckpt.parent.exists(), where
+
+
+@pytest.mark.timeout(300)
+def test_a_two_rank_checkpoint_with_a_truncated_shard_fails_the_resume_naming_the_file(
+        two_rank_reference: Work, work: Work, tmp_path):
+    """The finished 2-rank run's checkpoint, rank 1's shard cut in half: a rerun of the same settings resumes from
+    it and fails on each rank with exit 2 and one `error:` line naming that shard (the ranks started directly, as
+    torchrun would start them: torchrun itself reports any failed rank as its own exit 1)."""
+    work.set(**TWO_RANK)
+    out = work.path("rl_dir") / "tspo"
+    shutil.copytree(two_rank_reference.path("rl_dir") / "tspo", out)
+    shard = out / "checkpoint" / "state" / "__1_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    before = snapshot(work.root)
+    procs = work.ranks("train", "--estimator", "tspo", log_dir=tmp_path)
+    try:
+        for p in procs:
+            p.wait(timeout=240)
+    finally:
+        for p in procs:
+            kill_tree(p)
+    for r, p in enumerate(procs):
+        log = (tmp_path / f"rank{r}.log").read_text(errors="replace")
+        assert p.returncode == 2, (r, log[-3000:])
+        errors = [line for line in log.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and str(shard) in errors[0] and "cannot resume" in errors[0], (r, errors)
+        assert errors[0] == error_text(log).strip(), r
+    assert diff_snapshots(before, snapshot(work.root)) == [], "a failed resume changes nothing"
 
 
 # ----------------------------------------------------------------------------------------------------------------
