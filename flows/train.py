@@ -31,7 +31,13 @@ def _init_distributed() -> Dist:
         if not dist.is_initialized():
             if torch.cuda.is_available():  # one GPU per rank: "cuda" below means this rank's device
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            init = os.environ.get("TSPO_DIST_INIT_METHOD")  # e.g. file:///shared/store: no TCP store is opened
+            if init:
+                dist.init_process_group(backend, init_method=init, rank=int(os.environ["RANK"]),
+                                        world_size=int(os.environ["WORLD_SIZE"]))
+            else:  # torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
+                dist.init_process_group(backend)
     return Dist.from_env()
 
 

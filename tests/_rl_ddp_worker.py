@@ -11,6 +11,7 @@ then (plain only) a 2-step `fit` with rollouts, checkpoints and the final model 
 
 import copy
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def half(exp, rank, world):
 
 
 out = Path(sys.argv[1])
-dist.init_process_group("gloo")
+# a file store: the ranks meet through a file, no TCP store listens on a port
+dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"]))
 rank, world = dist.get_rank(), dist.get_world_size()
 single = torch.load(out / "single.pt", weights_only=False)
 for name, run in single.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -194,12 +193,6 @@ def test_a_run_where_every_step_is_skipped_is_an_error(tmp_path, monkeypatch):
         tr.fit(tmp_path / "ck")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 WORKER = Path(__file__).with_name("_rl_ddp_worker.py")
 
 
@@ -217,8 +210,8 @@ def _positive(exp):
 
 
 def _run_ranks(tmp_path, n=2, timeout=120):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    (tmp_path / "store").unlink(missing_ok=True)  # the workers' file store (no TCP store: nothing on a port)
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env={**env, "RANK": str(r)})
              for r in range(n)]
     assert [p.wait(timeout=timeout) for p in procs] == [0] * n

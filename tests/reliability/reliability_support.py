@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,27 +208,15 @@ class Work:
             return subprocess.Popen(self.cmd(stage, *args), cwd=self.root, env=self.env(env), stdout=fh,
                                     stderr=subprocess.STDOUT)
 
-    def torchrun(self, stage: str, *args: str, log: Path, nproc: int = 2, params: Path | str | None = None
-                 ) -> subprocess.Popen:
-        """`torchrun --nproc-per-node <nproc> -m flows.<stage> ...` in a session of its own: rendezvous at
-        127.0.0.1 on a free port, gloo's connections between ranks on the loopback interface. (torch's TCPStore
-        server, torchrun's rendezvous store here and rank 0's in `ranks`, listens on the wildcard address: torch
-        has no option to bind it to one.) torchrun starts every rank in a session of its own too: stop the lot
-        with `kill_tree`, in a `finally` block."""
-        self.api.wait()
-        launcher = [PY, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-                    "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-        with open(log, "wb") as fh:
-            return subprocess.Popen(launcher + self.cmd(stage, *args, params=params)[1:], cwd=self.root,
-                                    env=self.env(LOOPBACK_GLOO), stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-
     def ranks(self, stage: str, *args: str, log_dir: Path, nproc: int = 2) -> list[subprocess.Popen]:
         """The stage CLI as `nproc` rank processes started directly (the environment torchrun would give them), so
         each rank's own exit status and stderr (`log_dir/rank<r>.log`) can be checked; each in a session of its
-        own (stop them with `kill_tree`)."""
+        own (stop them with `kill_tree`). The ranks meet through a fresh file store (`TSPO_DIST_INIT_METHOD`):
+        no TCP store listens on a port (torch's binds every interface), and gloo's own connections stay on the
+        loopback interface."""
         self.api.wait()
-        dist_env = {**LOOPBACK_GLOO, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        store = log_dir / f"store-{uuid.uuid4().hex}"
+        dist_env = {**LOOPBACK_GLOO, "TSPO_DIST_INIT_METHOD": f"file://{store}",
                     "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
         procs = []
         for r in range(nproc):

@@ -4,8 +4,8 @@ run with the same seed, nothing is duplicated or lost, and no temporary leftover
 - train: killed after the checkpoint of a random step k; no output of the stage exists yet (the run trains in a
   staging sibling); the rerun resumes from the checkpoint the killed run left (logged: "resumed from ... at step
   k'") and its per-step metrics and final weights equal those of an uninterrupted run. tests/test_rl.py checks `RLTrainer.fit` resume in-process; here it goes through the real CLI processes.
-- train on 2 ranks (`torchrun --nproc-per-node 2`, FSDP2 on gloo, DCP checkpoints): the same, torchrun and both
-  ranks killed together after a checkpoint, the rerun on 2 ranks against an uninterrupted 2-rank run; and a 2-rank
+- train on 2 ranks (two rank processes as torchrun would start them, meeting through a file store, FSDP2 on
+  gloo over loopback, DCP checkpoints): the same, both ranks killed together after a checkpoint, the rerun on 2 ranks against an uninterrupted 2-rank run; and a 2-rank
   checkpoint with a truncated shard fails the resume on each rank with one `error:` line naming the shard (exit 2).
 - evaluate: killed after a random number of result rows (a torn half row is appended, as a kill inside a write
   leaves it); the rerun skips the finished rows and each dataset's rows equal the uninterrupted run's, each id once.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability_support import (Work, deep, descendants, diff_snapshots, error_text, file_sha, kill_process,
+from reliability_support import (Work, deep, diff_snapshots, error_text, file_sha, kill_process,
                                  kill_tree, leftovers, read_json, running, set_dotted, snapshot, tiny_params, wait_for,
                                  without)
 
@@ -114,14 +114,18 @@ TWO_RANK = {"train.steps": 5, "train.checkpoint_every": 1, "train.prompts_per_st
 the weights even when all rewards are 0."""
 
 
-def _train_to_end(work: Work, log: Path, timeout: float = 240, **kw) -> None:
-    """A 2-rank train CLI run to its end (torchrun and the ranks killed if it outlasts `timeout`)."""
-    proc = work.torchrun("train", "--estimator", "tspo", log=log, **kw)
+def _train_to_end(work: Work, log_dir: Path, timeout: float = 240) -> None:
+    """A 2-rank train CLI run to its end (the ranks killed if it outlasts `timeout`)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = work.ranks("train", "--estimator", "tspo", log_dir=log_dir)
     try:
-        proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
-        kill_tree(proc)
-    assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
+        for p in procs:
+            kill_tree(p)
+    assert [p.returncode for p in procs] == [0, 0], (log_dir / "rank0.log").read_text(errors="replace")[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +136,14 @@ def two_rank_reference(prefect_api, base_world, tmp_path_factory) -> Work:
         shutil.copytree(base_world / part, root / part)
     ref = Work(root, prefect_api, tiny_params(root, TWO_RANK))
     ref.write()
-    _train_to_end(ref, root / "train.log")
+    _train_to_end(ref, root / "train-logs")
     return ref
 
 
 @pytest.mark.timeout(420)
 def test_train_on_two_ranks_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
         two_rank_reference: Work, work: Work, tmp_path):
-    """torchrun and both ranks SIGKILLed (their process groups) after the checkpoint of a random step k; the rerun on
+    """Both ranks SIGKILLed (their process groups) after the checkpoint of a random step k; the rerun on
     2 ranks resumes from the 2-rank DCP checkpoint and its per-step metrics and final weights equal the uninterrupted
     2-rank run's exactly (bit for bit: a 2-rank gloo sum is a + b on both runs; measured, no tolerance needed)."""
     from tspo_core.train.checkpoint import load_trainer_state
@@ -155,14 +159,15 @@ def test_train_on_two_ranks_killed_after_a_checkpoint_resumes_to_the_uninterrupt
     where = f"(seed {SEED}: kill after the checkpoint of step {k})"
     out = work.path("rl_dir") / "tspo"
     ckpt = work.path("rl_dir") / ".tspo.next" / "checkpoint"
-    proc = work.torchrun("train", "--estimator", "tspo", log=tmp_path / "killed.log")
-    ranks = []
+    (tmp_path / "killed").mkdir()
+    procs = work.ranks("train", "--estimator", "tspo", log_dir=tmp_path / "killed")
     try:
-        wait_for(lambda: len(read_json(ckpt / "history.json")) >= k, proc, what=f"checkpoint {k} {where}")
-        ranks = descendants(proc.pid)
+        wait_for(lambda: len(read_json(ckpt / "history.json")) >= k, procs[0], what=f"checkpoint {k} {where}")
     finally:
-        kill_tree(proc)  # torchrun and both ranks at once (each rank in a process group of its own)
-    assert proc.returncode == -signal.SIGKILL and len(ranks) == 2, (ranks, where)
+        for p in procs:  # both ranks at once (each in a process group of its own)
+            kill_tree(p)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2, where
+    ranks = [p.pid for p in procs]
     wait_for(lambda: not any(running(pid) for pid in ranks), timeout=30, what=f"ranks {ranks} gone {where}")
 
     state, history = load_trainer_state(ckpt)  # what the killed run left is a loadable 2-rank checkpoint
@@ -172,8 +177,8 @@ def test_train_on_two_ranks_killed_after_a_checkpoint_resumes_to_the_uninterrupt
     assert not out.exists(), where
     assert not (work.path("metrics_dir") / "train_tspo.jsonl").exists(), where
 
-    _train_to_end(work, tmp_path / "rerun.log")
-    assert f"resumed from {ckpt} at step {at}" in (tmp_path / "rerun.log").read_text(errors="replace"), where
+    _train_to_end(work, tmp_path / "rerun")
+    assert f"resumed from {ckpt} at step {at}" in (tmp_path / "rerun" / "rank0.log").read_text(errors="replace"), where
 
     rows = _lines(work.path("metrics_dir") / "train_tspo.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), where
