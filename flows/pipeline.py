@@ -19,8 +19,6 @@ import re
 import subprocess
 import sys
 import time
-import types
-import typing
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.common import main, publish
-from tspo_core.config import Params, load_params
+from tspo_core.config import load_params
 from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.procs import stop_process
 
@@ -56,41 +54,25 @@ class PipelineError(TSPOError):
 # ----------------------------------------------------------------------------------------------------------------
 # parameters: one pydantic model, so the Prefect UI renders a form and bad input fails before DVC starts
 # ----------------------------------------------------------------------------------------------------------------
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                return arg
+def check_overrides(overrides: Sequence[str], params_path: Path) -> str | None:
+    """None when every `key=value` of `overrides` (DVC's `-S` grammar: hydra; `key=a,b` a sweep) is a valid setting
+    of `params_path` (`load_params(..., overrides=...)`: the key exists and each value fits), else one line why not."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # DVC's own parser for `-S`
+
+    parser = OverridesParser.create()
+    for item in overrides:
+        m = _OVERRIDE.match(item)
+        try:
+            o = parser.parse_override(f"{m['key']}={m['value']}")
+            values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            for value in values:
+                load_params(params_path, overrides={m["key"]: value})
+        except ConfigError as err:
+            lines = str(err).splitlines()
+            return f"bad override {item!r}: " + "; ".join(ln.strip() for ln in lines[1:] or lines)
+        except Exception as err:  # noqa: BLE001 - hydra's parse errors: the value is not DVC's `-S` syntax
+            return f"bad override {item!r}: {type(err).__name__}: {err}".splitlines()[0]
     return None
-
-
-def _is_mapping(annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_mapping(a) for a in typing.get_args(annotation))
-    return origin is dict or annotation is dict
-
-
-def check_params_key(dotted: str) -> str | None:
-    """None when `dotted` names a setting of `params.yaml` (tspo_core.config.Params), else why not."""
-    model: type[BaseModel] = Params
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        here = ".".join(parts[: i + 1])
-        if part not in model.model_fields:
-            known = ", ".join(model.model_fields)
-            where = "params.yaml" if i == 0 else f"section {'.'.join(parts[:i])!r}"
-            return f"unknown key {here!r}: {where} has {known}"
-        annotation = model.model_fields[part].annotation
-        sub = _model_in(annotation)
-        if sub is None:
-            if i + 1 < len(parts) and not _is_mapping(annotation):
-                return f"{here!r} is a value, not a section: {dotted!r} does not exist"
-            return None
-        model = sub
-    return f"{dotted!r} is a whole section: set one of its keys ({', '.join(model.model_fields)})"
 
 
 class PipelineOptions(BaseModel):
@@ -134,9 +116,6 @@ class PipelineOptions(BaseModel):
             if m["file"] not in (None, "params.yaml"):
                 raise ValueError(f"bad override {item!r}: the stages read params.yaml only, so overrides "
                                  f"cannot target {m['file']!r}")
-            problem = check_params_key(m["key"])
-            if problem:
-                raise ValueError(f"bad override {item!r}: {problem}")
         return v
 
     @field_validator("name")
@@ -154,6 +133,9 @@ class PipelineOptions(BaseModel):
             if given:
                 raise ValueError(f"{', '.join(given)} need(s) mode 'exp' (dvc exp run); dvc repro only "
                                  "reproduces params.yaml as it is")
+        problem = self.overrides and check_overrides(self.overrides, self.resolved_project_dir() / "params.yaml")
+        if problem:
+            raise ValueError(problem)
         return self
 
     def resolved_project_dir(self) -> Path:

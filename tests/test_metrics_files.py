@@ -25,7 +25,7 @@ from tspo_core.train.sft import compact_summary as sft_compact
 
 from conftest import REPO
 
-DVC = dvc_stages(REPO / "dvc.yaml")
+DVC = dvc_stages(REPO)
 TIMING_WORDS = ("seconds", "elapsed", "time", "meta", "environment")
 
 
