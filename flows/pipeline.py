@@ -9,6 +9,7 @@ into tables. Deployment: prefect.yaml (`tspo-pipeline`).
 # python -m flows.pipeline --target data --target index                dvc repro data index
 # python -m flows.pipeline --mode exp --set reward.folr_alpha=0.2      dvc exp run -S reward.folr_alpha=0.2
 # python -m flows.pipeline --mode exp --set 'optim.lr=1e-4,1e-3' --queue   a queued grid; then dvc queue start
+# python -m flows.pipeline --params-file configs/tiny.yaml             params.yaml = tiny.yaml resolved; dvc repro
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.common import main, publish
-from tspo_core.config import load_params
+from tspo_core.config import dump_params, load_params
 from tspo_core.errors import ConfigError, TSPOError
+from tspo_core.io import write_text
 from tspo_core.procs import stop_process
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -95,6 +97,10 @@ class PipelineOptions(BaseModel):
     force: bool = Field(False, description="Run the stages even when DVC finds them up to date (`--force`).")
     project_dir: str | None = Field(None, description="The DVC project to run in. Empty: the checkout that "
                                     "holds this flow (the deployment's working directory).")
+    params_file: str | None = Field(
+        None, description="A params file to run, e.g. `configs/tiny.yaml` (relative to the project): validated, "
+        "fully resolved (every default written out) and written to the project's `params.yaml`, which is what "
+        "the DVC stages read, before DVC starts. Empty: `params.yaml` as it is.")
 
     @field_validator("targets")
     @classmethod
@@ -133,13 +139,38 @@ class PipelineOptions(BaseModel):
             if given:
                 raise ValueError(f"{', '.join(given)} need(s) mode 'exp' (dvc exp run); dvc repro only "
                                  "reproduces params.yaml as it is")
-        problem = self.overrides and check_overrides(self.overrides, self.resolved_project_dir() / "params.yaml")
+        if self.params_file is not None:
+            try:
+                load_params(self.params_source())
+            except ConfigError as err:
+                head, *rest = str(err).splitlines()
+                raise ValueError(f"params_file: {head}" + (": " + "; ".join(r.strip() for r in rest) if rest
+                                                           else "")) from None
+        problem = self.overrides and check_overrides(self.overrides, self.params_source())
         if problem:
             raise ValueError(problem)
         return self
 
     def resolved_project_dir(self) -> Path:
         return Path(self.project_dir).expanduser().resolve() if self.project_dir else PROJECT_DIR
+
+    def params_source(self) -> Path:
+        """The params file the run uses: `params_file` (relative to the project), else the project's params.yaml."""
+        return self.resolved_project_dir() / (self.params_file or "params.yaml")
+
+
+def resolve_params_file(options: PipelineOptions, log: Callable[[str], None]) -> Path | None:
+    """Write `options.params_file`, fully resolved, to the project's params.yaml (where DVC reads the params);
+    None when no params file was given."""
+    if options.params_file is None:
+        return None
+    source, target = options.params_source(), options.resolved_project_dir() / "params.yaml"
+    text = dump_params(load_params(source))
+    if source.resolve() != target.resolve():
+        write_text(target, text)
+    log(f"params: {options.params_file} resolved (every key written out, defaults included) into {target}; the "
+        "DVC stages read that file, so it now holds this run's params (the previous params.yaml is in git)")
+    return target
 
 
 def dvc_command(options: PipelineOptions) -> list[str]:
@@ -288,10 +319,14 @@ def pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
     project = options.resolved_project_dir()
     cmd = dvc_command(options)
     head = git_head(project)
+    resolved = resolve_params_file(options, log.info)
     result = run_dvc(cmd, str(project))
     summary: dict[str, Any] = {"command": result["command"], "project_dir": str(project), "git_head": head,
                                "seconds": result["seconds"], "queued": options.queue}
     notes = [f"`{result['command']}` in `{project}` (git HEAD `{head}`): exit code 0, {result['seconds']} s"]
+    if resolved is not None:
+        summary["params_file"] = options.params_file
+        notes.append(f"Params: `{options.params_file}`, fully resolved into `{resolved}` before DVC ran.")
     if options.queue:
         notes.append("Queued only: run the queue with `dvc queue start`, follow it with `dvc queue status`, "
                      "compare with `dvc exp show`.")
@@ -323,16 +358,18 @@ def pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
 # CLI: python -m flows.pipeline [--mode exp --set key=value ...] [--target stage ...]
 # ----------------------------------------------------------------------------------------------------------------
 def _cli(params_path: str, mode: str, targets: list[str] | None, overrides: list[str] | None, queue: bool,
-         name: str | None, force: bool, project_dir: str | None) -> dict[str, Any]:
+         name: str | None, force: bool, project_dir: str | None, params_file: str | None = None) -> dict[str, Any]:
     try:
         options = PipelineOptions(mode=mode, targets=targets or [], overrides=overrides or [], queue=queue,
-                                  name=name, force=force, project_dir=project_dir)
+                                  name=name, force=force, project_dir=project_dir,
+                                  params_file=params_file)
     except ValidationError as err:
         raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
     project = options.resolved_project_dir()
     if Path(params_path).resolve() != (project / "params.yaml").resolve():
         raise ConfigError(f"--params {params_path}: the DVC stages always read {project / 'params.yaml'}; change "
-                          "a setting for one run with --mode exp --set KEY=VALUE")
+                          "a setting for one run with --mode exp --set KEY=VALUE, or run another params file with "
+                          "--params-file FILE (resolved into params.yaml first)")
     return pipeline(options)
 
 
@@ -347,4 +384,6 @@ if __name__ == "__main__":
         "--name": {"default": None, "help": "exp mode: experiment name"},
         "--force": {"action": "store_true", "help": "run stages even when up to date"},
         "--project-dir": {"default": None, "help": "the DVC project (default: this checkout)"},
+        "--params-file": {"default": None, "help": "a params file (e.g. configs/tiny.yaml), resolved into the "
+                          "project's params.yaml before DVC runs"},
     })

@@ -141,13 +141,40 @@ def test_flow_parameters_are_one_pydantic_model():
     model = schema["definitions"]["PipelineOptions"]
     assert model["additionalProperties"] is False
     assert model["properties"]["mode"]["enum"] == ["repro", "exp"]
-    assert {"targets", "overrides", "queue", "name", "force", "project_dir"} <= set(model["properties"])
+    assert {"targets", "overrides", "queue", "name", "force", "project_dir", "params_file"} <= set(model["properties"])
     ok = pipeline.validate_parameters({"options": {"mode": "exp", "overrides": ["reward.folr_alpha=0.2"]}})
     assert dvc_command(ok["options"]) == ["dvc", "exp", "run", "-S", "reward.folr_alpha=0.2"]
     from prefect.exceptions import ParameterTypeError
 
     with pytest.raises(ParameterTypeError, match="reward.folr_alph: unknown key"):
         pipeline.validate_parameters({"options": {"mode": "exp", "overrides": ["reward.folr_alph=0.2"]}})
+
+
+def test_params_file_is_resolved_into_params_yaml(tmp_path):
+    """The form's `params_file`: validated when the run starts, then written fully resolved where DVC reads it."""
+    from flows.pipeline import resolve_params_file
+    from tspo_core.config import dump_params
+
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "tiny.yaml", tmp_path / "configs" / "tiny.yaml")
+    (tmp_path / "params.yaml").write_text("old: 1\n")
+    assert resolve_params_file(PipelineOptions(project_dir=str(tmp_path)), print) is None  # nothing given
+    assert (tmp_path / "params.yaml").read_text() == "old: 1\n"
+    options = PipelineOptions(project_dir=str(tmp_path), params_file="configs/tiny.yaml", mode="exp",
+                              overrides=["train.steps=2"])  # overrides are checked against the params file
+    logged: list[str] = []
+    assert resolve_params_file(options, logged.append) == tmp_path / "params.yaml"
+    resolved = (tmp_path / "params.yaml").read_text()
+    assert resolved == dump_params(load_params(REPO / "configs" / "tiny.yaml"))
+    assert set(_yaml(tmp_path / "params.yaml")) == set(Params.model_fields)  # every section written out
+    assert logged == [f"params: configs/tiny.yaml resolved (every key written out, defaults included) into "
+                      f"{tmp_path / 'params.yaml'}; the DVC stages read that file, so it now holds this run's params "
+                      "(the previous params.yaml is in git)"]
+    with pytest.raises(ValidationError, match="params_file: .*configs/nope.yaml: params file not found"):
+        PipelineOptions(project_dir=str(tmp_path), params_file="configs/nope.yaml")
+    (tmp_path / "configs" / "bad.yaml").write_text("train: {stepz: 1}\n")
+    with pytest.raises(ValidationError, match=r"params_file: .*bad.yaml: 2 invalid setting\(s\): .*; train.stepz: unknown key"):
+        PipelineOptions(project_dir=str(tmp_path), params_file="configs/bad.yaml")
 
 
 def test_default_project_is_this_checkout():
@@ -819,17 +846,22 @@ def _count_flow_runs(db_url: str) -> int:
 @pytest.mark.timeout(300)
 def test_deployment_runs_on_a_postgres_backed_server(tmp_path, postgres_url):
     """The compose stack's wiring without docker: `prefect server` on PostgreSQL (PREFECT_API_DATABASE_CONNECTION_URL),
-    the deployment run by a process worker (`dvc repro data` on the tiny config); bad parameters are refused by the
+    the deployment run by a process worker (`dvc repro data` with the form's `params_file: configs/tiny.yaml` on a
+    workspace whose params.yaml is the default: resolved into params.yaml before DVC runs); bad parameters are refused by the
     server, and a failing DVC run fails the flow run with DVC's own error."""
     from prefect.exceptions import PrefectHTTPStatusError
 
     project = make_project_copy(tmp_path / "project")
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")  # the default; the form names configs/tiny.yaml
     (tmp_path / "run").mkdir()
     with prefect_stack(tmp_path / "run", project, db_url=postgres_url) as stack:
         with api_client(stack) as client:
-            ok = run_deployment_and_wait(client, stack, {"options": {"targets": ["data"]}}, timeout_s=180)
+            ok = run_deployment_and_wait(client, stack, {"options": {"targets": ["data"],
+                                                                     "params_file": "configs/tiny.yaml"}},
+                                         timeout_s=180)
             assert ok.state.is_completed(), f"{ok.state.name}: {ok.state.message}\n{stack.logs()}"
             ok_artifacts = artifacts_of(client, ok.id)
+            ok_logs = logs_of(client, ok.id)
 
             deployment = client.read_deployment_by_name(DEPLOYMENT)
             with pytest.raises(PrefectHTTPStatusError, match="bogus"):  # the form's schema, enforced server-side
@@ -844,6 +876,10 @@ def test_deployment_runs_on_a_postgres_backed_server(tmp_path, postgres_url):
     assert not port_open(port), "the server still listens after it was stopped"
     assert set(ok_artifacts) == {"pipeline-run"}  # a fresh copy has no evaluation/training metrics yet
     assert "`dvc repro data` in" in ok_artifacts["pipeline-run"].data
+    assert "Params: `configs/tiny.yaml`, fully resolved into" in ok_artifacts["pipeline-run"].data
+    assert any(line.startswith("params: configs/tiny.yaml resolved") for line in ok_logs), ok_logs[:10]
+    tiny = load_params(project / "configs" / "tiny.yaml")
+    assert load_params(project / "params.yaml") == tiny  # where DVC read it, every key written out
     manifest = json.loads((project / "data" / "manifest.json").read_text())
     assert manifest  # the stage ran in the project copy ...
     lock = _yaml(project / "dvc.lock")
