@@ -63,7 +63,8 @@ def test_the_kl_reference_is_the_starting_model_with_the_adapters_disabled():
         expected = token_logprobs(start, t.input_ids, t.attention_mask, tr.cfg.rollout.temperature)[0]
         adapted = token_logprobs(tr.model, t.input_ids, t.attention_mask, tr.cfg.rollout.temperature)[0]
     ref = tr.reference_logprobs(exp)
-    assert torch.allclose(ref[valid], expected[valid], atol=1e-5)
+    on_policy = t.policy_mask.bool()  # the reference computes (and the loss reads) policy tokens only
+    assert torch.allclose(ref[on_policy], expected[on_policy], atol=1e-5) and not ref[~on_policy].any()
     assert (adapted[valid] - expected[valid]).abs().max() > 1e-3  # the policy itself has moved away from it
     assert tr.reference_logprobs(exp) is not None and tr.model.training  # adapters back on, mode restored
     with torch.no_grad():

@@ -166,9 +166,12 @@ def test_update_uses_exactly_the_policy_loss_plus_weighted_obs_loss(weight):
     sft_train(model, tok.pad_token_id, segments, SFTConfig(max_steps=1, batch_size=4, warmup_steps=0,
                                                            obs_loss_weight=weight))
     got = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert torch.allclose(got, _step_by_hand(tok, segments, weight, SFTConfig().lr), atol=1e-6)
+    # sft_train runs the LM head on the loss's tokens only (tspo_core.train.logprobs), the hand step on every
+    # position: the same loss up to float rounding, which AdamW's first step (about lr * sign(g)) can turn into
+    # 2e-6 on a weight whose gradient is near 0
+    assert torch.allclose(got, _step_by_hand(tok, segments, weight, SFTConfig().lr), atol=1e-5)
     other = _step_by_hand(tok, segments, 0.5 - weight, SFTConfig().lr)
-    assert not torch.allclose(got, other, atol=1e-6)  # the weight matters: the test can tell them apart
+    assert not torch.allclose(got, other, atol=1e-5)  # the weight matters: the test can tell them apart
 
 
 def test_sft_learns_a_repeated_trajectory():

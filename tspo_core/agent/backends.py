@@ -83,7 +83,8 @@ class HFBackend:
         input_ids, attn = input_ids.to(device), attn.to(device)
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         budgets = torch.tensor(list(max_new_tokens), device=device)
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=1)  # the prefill's logits at the last position only, not (B, L, V)
         cache, logits = out.past_key_values, out.logits[:, -1, :]
         next_pos = position_ids[:, -1] + 1
 

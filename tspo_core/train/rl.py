@@ -35,8 +35,9 @@ from tspo_core.train import rl_step
 from tspo_core.train.checkpoint import HISTORY_FILE, STATE_FILE, CheckpointError, copy_checkpoint_files, \
     load_checkpoint, load_trainer_state, save_checkpoint
 from tspo_core.train.distributed import Dist, full_state_dict, gathered, shard
+from tspo_core.train.logprobs import token_logprobs
 from tspo_core.train.lora import describe, lora_settings
-from tspo_core.train.rl_step import Experience, Reference, RLSettings, token_logprobs
+from tspo_core.train.rl_step import Experience, Reference, RLSettings
 
 __all__ = ["Dist", "Experience", "RLSettings", "RLTrainer", "TrainingError", "dev_subsets", "greedy_dev_em",
            "run_rl", "token_logprobs"]

@@ -11,7 +11,8 @@ Algorithm, per step (TSPO.md, REFERENCE.md "Reference training settings"):
 5. PPO-clip against the rollout log-probs + k3 KL to the `Reference` (the frozen SFT model; under LoRA the policy
    with its adapters disabled) + the entropy bonus, assembled once by `policy_loss`; token-mean by default,
    micro-batched with one global denominator (summed over ranks), so the update depends neither on the
-   micro-batch size nor on the number of ranks.
+   micro-batch size nor on the number of ranks. Log-probs (policy and reference) and the entropy are computed on
+   policy tokens only, the LM head on those rows alone (`tspo_core.train.logprobs`).
 6. A non-finite loss or gradient skips the optimizer step (`skipped_nonfinite`); parameters stay finite.
 
 Plumbing (distribution, checkpoints, resume, dev evaluation, export, the stage driver) is the harness,
@@ -36,6 +37,7 @@ from tspo_core.agent.rollout import RolloutBatch, RolloutEngine
 from tspo_core.config import AdvantageConfig, OptimConfig, RewardConfig, RolloutConfig, TrainConfig
 from tspo_core.data.schema import QAExample
 from tspo_core.metrics import DEFAULT_NORMALIZATION
+from tspo_core.train.logprobs import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +117,6 @@ def make_experience(batch: RolloutBatch, reward: RewardConfig, advantage: Advant
 # ----------------------------------------------------------------------------------------------------------------
 # algorithm: 5-6 update
 # ----------------------------------------------------------------------------------------------------------------
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logp[:, t] = log p(ids[t] | ids[<t]) at the sampling temperature, (B, T); column 0 is 0 (no context)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if temperature > 0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    pad = torch.zeros_like(logp[:, :1])
-    entropy = None
-    if with_entropy:
-        entropy = torch.cat([pad, -(logp_all.exp() * logp_all).sum(-1)], dim=1)
-    return torch.cat([pad, logp], dim=1), entropy
-
-
 class Reference:
     """The KL reference policy, one method: `logprobs(batch)`, (B, T) log-probs of the rollouts under it.
 
@@ -149,7 +136,8 @@ class Reference:
         with torch.no_grad(), off:
             for rows in micro_batches(range(len(batch.rollouts)), lengths, self.cfg.train.micro_batch_size):
                 lp = token_logprobs(self.model, take(t.input_ids, rows, lengths, device),
-                                   take(t.attention_mask, rows, lengths, device), self.cfg.rollout.temperature)[0]
+                                   take(t.attention_mask, rows, lengths, device), self.cfg.rollout.temperature,
+                                   mask=take(t.policy_mask, rows, lengths, device))[0]  # 0 off policy tokens
                 ref_logp[rows, :lp.shape[1]] = lp.cpu()
         self.model.train(was_training)
         return ref_logp
@@ -186,12 +174,13 @@ def update(policy, opt: torch.optim.Optimizer, sched, exp: Experience, reference
                 policy_mask = take(t.policy_mask, rows, lengths, device)  # (b, T')
                 logp, ent = token_logprobs(policy, take(t.input_ids, rows, lengths, device),
                                            take(t.attention_mask, rows, lengths, device), cfg.rollout.temperature,
-                                           with_entropy=True)  # (b, T') each
+                                           with_entropy=True, mask=policy_mask,
+                                           entropy_grad=bool(o.entropy_coef))  # (b, T') each, 0 off the mask
                 loss, m = policy_loss(
                     logp, take(exp.batch.logprobs, rows, lengths, device), take(exp.advantages, rows, lengths,
                                                                                  device), policy_mask,
                     ref_logp=None if ref_logp is None else take(ref_logp, rows, lengths, device),
-                    entropy=ent if o.entropy_coef else ent.detach(), clip_ratio=o.clip_ratio, kl_coef=o.kl_coef,
+                    entropy=ent, clip_ratio=o.clip_ratio, kl_coef=o.kl_coef,
                     entropy_coef=o.entropy_coef, agg=o.loss_agg, denominator=denom, kl_clamp=o.kl_clamp)
                 loss.backward()
                 tokens = float(policy_mask.sum())

@@ -13,7 +13,8 @@ next-token loss on the policy's tokens only.
 3. Loss: cross-entropy on policy tokens (observations and the prompt are masked), length-bucketed batches,
    AdamW with linear warmup and cosine decay, stopped by `max_steps` or `max_minutes`, whichever comes first.
    `sft.obs_loss_weight > 0` adds a weighted next-token loss on observation tokens (for a model trained from
-   scratch, which has never read a passage; the logged `loss` stays the policy-token loss).
+   scratch, which has never read a passage; the logged `loss` stays the policy-token loss). The LM head runs on
+   the tokens of these losses alone (`tspo_core.train.logprobs`, the RL update's log-probs).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tspo_core.data.schema import QAExample
 from tspo_core.errors import ConfigError
 from tspo_core.metrics import contains_answer
 from tspo_core.runinfo import environment
+from tspo_core.train.logprobs import next_token_stats
 
 log = logging.getLogger(__name__)
 
@@ -224,27 +226,27 @@ def sft_train(model, pad_id: int, segments: Sequence[Sequence], cfg: SFTConfig,
                 return history
             t = build_masks([segments[i] for i in idx], pad_id=pad_id)
             ids, attn = t.input_ids.to(device), t.attention_mask.to(device)
-            target_mask = t.policy_mask[:, 1:].to(device).bool()  # token t is predicted from position t - 1
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-            targets = ids[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits[target_mask].float(), targets[target_mask])
+            policy = t.policy_mask.to(device).bool()  # (B, T): token t is predicted from position t - 1
+            obs = t.obs_mask.to(device).bool() if cfg.obs_loss_weight > 0 else torch.zeros_like(policy)  # (B, T)
+            read = (policy | obs)[:, 1:]  # (B, T-1): the tokens t >= 1 of the losses
+            out = next_token_stats(model, ids, attn, policy | obs, with_argmax=True)  # (N,) each, N = read.sum()
+            on_policy, targets = policy[:, 1:][read], ids[:, 1:][read]  # (N,) each
+            nll = -out.logp  # (N,): each read token's cross-entropy
+            loss = nll[on_policy].mean()
             obs_loss = None
-            if cfg.obs_loss_weight > 0:
-                obs_mask = t.obs_mask[:, 1:].to(device).bool()
-                if obs_mask.any():
-                    obs_loss = torch.nn.functional.cross_entropy(logits[obs_mask].float(), targets[obs_mask])
-                    loss = loss + cfg.obs_loss_weight * obs_loss
+            if bool((~on_policy).any()):
+                obs_loss = nll[~on_policy].mean()
+                loss = loss + cfg.obs_loss_weight * obs_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            with torch.no_grad():
-                acc = (logits[target_mask].argmax(-1) == targets[target_mask]).float().mean()
+            acc = (out.argmax[on_policy] == targets[on_policy]).float().mean()
             policy_loss = loss.item() - (cfg.obs_loss_weight * obs_loss.item() if obs_loss is not None else 0.0)
             rec = {"step": step, "loss": policy_loss, "obs_loss": obs_loss.item() if obs_loss is not None else None,
                    "token_acc": acc.item(), "grad_norm": grad_norm.item(),
-                   "lr": sched.get_last_lr()[0], "tokens": int(target_mask.sum()),
+                   "lr": sched.get_last_lr()[0], "tokens": int(on_policy.sum()),
                    "elapsed_s": round(time.monotonic() - t0, 2)}
             history.append(rec)
             if on_step:
