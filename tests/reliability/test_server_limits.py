@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from reliability_support import PY, REPO, served, tiny_params
+from test_server_connections import closed_after
 
 pytestmark = pytest.mark.reliability
 
@@ -42,19 +43,6 @@ def _params(tmp: Path, **retrieval) -> Path:
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
-
-
-def _closed_within(sock: socket.socket, limit: float) -> float:
-    t0 = time.monotonic()
-    sock.settimeout(limit)
-    try:
-        while sock.recv(4096):
-            pass
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        pytest.fail(f"still open after {limit}s")
-    return time.monotonic() - t0
 
 
 def _log_problems(text: str) -> list[str]:
@@ -106,7 +94,7 @@ def test_stalled_clients_are_disconnected_within_the_timeouts(small_index, tmp_p
         head.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\n")
         body = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         body.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\ncontent-length: 50\r\n\r\n{\"que")
-        assert 0.5 < _closed_within(head, 10) < 5 and _closed_within(body, 10) < 5
+        assert 0.5 < closed_after(head, 10) < 5 and closed_after(body, 10) < 5
         head.close(), body.close()
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
         conns = httpx.get(srv.url + "/stats", timeout=10).json()["connections"]
