@@ -31,8 +31,8 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_P
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -67,11 +67,11 @@ def local_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def worker(rank: int, world: int, port: int, args, queue) -> None:
+def worker(rank: int, world: int, store: str, args, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + torch + process group
         model = build_model(args)
@@ -99,12 +99,10 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
 def run(world: int, args) -> list[dict]:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = Path(tempfile.mkdtemp(prefix="fsdp-memory-")) / "store"  # a file store: no TCP store on any port
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(world, port, args, queue), nprocs=world, start_method="spawn", join=True)
+    mp.start_processes(worker, args=(world, str(store), args, queue), nprocs=world, start_method="spawn", join=True)
     rows = [queue.get() for _ in range(world)]
     return sorted(rows, key=lambda r: r["rank"])
 

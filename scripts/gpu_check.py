@@ -70,14 +70,10 @@ def overrides(args) -> dict:
 
 
 def init_process_group(device: str) -> None:
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+    store = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "store"  # a file store: no TCP store on any port
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store}",
                             rank=0, world_size=1)
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from flows.index import index_metrics
 from flows.tracking import dvc_stages
