@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tspo_core.agent.rewards import CATEGORIES  # noqa: E402
-from tspo_core.config import load_params, params_from_dict  # noqa: E402
+from tspo_core.config import RolloutConfig, load_params, params_from_dict  # noqa: E402
 from tspo_core.evaluate import DISPLAY_NAMES, read_results  # noqa: E402
 from tspo_core.io import write_json, write_text  # noqa: E402
 from tspo_core.report import CATEGORY_LABELS, ci_verdict, mean_std, paired_bootstrap_ci, paired_differences, \
@@ -124,6 +124,12 @@ def settings_key(params, kind: str) -> str:
     raw = params.model_dump(mode="json")
     raw.pop("paths")
     raw.pop("tracking")
+    # keys added after the first units ran, which an hf run never reads: left out while they hold their defaults,
+    # so the committed units keep their keys
+    rollout, defaults = raw["rollout"], RolloutConfig().model_dump(mode="json")
+    for k in ("vllm_kv_cache_gb", "vllm_enforce_eager", "vllm_sleep", "recompute_logprobs"):
+        if rollout["backend"] == "hf" and rollout.get(k) == defaults[k]:
+            rollout.pop(k)
     if kind == "sft":
         raw = {**{k: raw[k] for k in SFT_SECTIONS}, "dev_questions": raw["train"]["eval_questions"]}
     return hashlib.sha256(json.dumps({"kind": kind, **raw}, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_rl import LORA_SETTINGS, RANKS_LR, make_trainer  # noqa: E402
 from tspo_core.train.distributed import full_state_dict  # noqa: E402
 from tspo_core.train.rl import export_model  # noqa: E402
+from tspo_core.train.weight_sync import policy_weights  # noqa: E402
 
 
 def half(exp, rank, world):
@@ -52,7 +53,10 @@ for name, run in single.items():
         trainer.step += 1
         if trainer.step == 1:
             trainer.save(out / f"ck2_{name}")
-    torch.save({"metrics": metrics, "params": full_state_dict(trainer.model)}, out / f"{name}_rank{rank}.pt")
+    torch.save({"metrics": metrics, "params": full_state_dict(trainer.model),
+                # what the colocated vLLM engine of every rank receives (gathered from the shards, LoRA merged)
+                "pushed": {k: v.clone() for k, v in policy_weights(trainer.model)}},
+               out / f"{name}_rank{rank}.pt")
 
     resumed = make_trainer(world=world, rank=rank, lora=LORA_SETTINGS[name], lr=RANKS_LR)
     resumed.resume(out / f"ck1_{name}")

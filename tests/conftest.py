@@ -24,3 +24,9 @@ def real_qa_dir() -> Path:
     if not (REAL_QA / "corpus.jsonl").is_file():
         pytest.fail(f"real samples not found at {REAL_QA} (CI puts ../shared beside the clone)")
     return REAL_QA
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `vllm` run last: a vLLM engine in the test process sets up torch.distributed (a one-rank gloo
+    group) and process-wide threading settings that no other test should run after."""
+    items.sort(key=lambda item: item.get_closest_marker("vllm") is not None)  # stable: the order otherwise kept

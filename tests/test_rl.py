@@ -263,6 +263,21 @@ def test_two_processes_match_one_process(one_and_two_ranks, name):
     assert name == "plain" or all("lora_" in k for k in moved)
 
 
+@pytest.mark.parametrize("name", list(LORA_SETTINGS))
+def test_every_rank_pushes_the_full_weights_gathered_from_the_shards(one_and_two_ranks, name):
+    """What each rank of a 2-rank FSDP2 run would push into its vLLM engine (`policy_weights`) is the full
+    weights, equal on both ranks and to the one-process policy's (under LoRA: with the adapters merged)."""
+    from tspo_core.train.weight_sync import policy_weights
+
+    single, ranked, _ = one_and_two_ranks
+    tr = make_trainer(lora=LORA_SETTINGS[name])
+    tr.model.load_state_dict(single[name]["params"])
+    expected = dict(policy_weights(tr.model))
+    assert all(".lora_" not in k and ".base_layer." not in k for k in expected)
+    for r in range(2):
+        assert _max_diff(ranked[name][r]["pushed"], expected) < 1e-5, r
+
+
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)

@@ -359,10 +359,20 @@ class SFTConfig(_Section):
 # RL: rollout, reward, advantage, optim, train
 # ----------------------------------------------------------------------------------------------------------------
 class RolloutConfig(_Section):
-    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend (vllm: GPU extra; evaluation "
-                                           "only: RL would need the weights synced into vLLM after every update).")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (transformers) or vllm (a "
+                                           "colocated vLLM engine; in RL the policy's weights are pushed into it "
+                                           "after every update).")
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of the GPU vLLM may take "
-                                               "(weights + KV cache), with backend vllm.")
+                                               "(weights + KV cache), with backend vllm on a GPU.")
+    vllm_kv_cache_gb: float | None = Field(None, gt=0, description="vLLM's KV cache in GiB; null: on a GPU "
+                                           "vllm_gpu_memory_utilization decides, on the CPU 1 GiB.")
+    vllm_enforce_eager: bool = Field(False, description="vLLM without torch.compile / CUDA graphs (starts in "
+                                     "seconds instead of ~30 s; slower generation).")
+    vllm_sleep: bool = Field(True, description="RL with backend vllm on a GPU: vLLM's sleep mode frees its KV "
+                             "cache (and offloads its weights) during the update. Not supported on the CPU.")
+    recompute_logprobs: bool | None = Field(None, description="RL: recompute the rollouts' log-probs with the "
+                                            "trainer's model before the update (PPO's old log-probs) instead of "
+                                            "the sampler's; null: on with backend vllm, off with hf.")
     group_size: int = Field(5, gt=0, description="G: rollouts per question.")
     prompt_template: Literal["search_r1", "compact"] = Field("search_r1", description="Instruction before "
                                                              "`Question: q` (tspo_core.agent.protocol).")
@@ -373,7 +383,13 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature for training rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
 
-    _FINITE = ("temperature",)
+    _FINITE = ("temperature", "vllm_kv_cache_gb")
+
+    @property
+    def recomputes_logprobs(self) -> bool:
+        """Whether RL recomputes the old log-probs with the trainer's model (`recompute_logprobs`, by default on
+        for vllm: its sampling kernels are not the trainer's)."""
+        return self.backend == "vllm" if self.recompute_logprobs is None else self.recompute_logprobs
 
 
 def check_rl_rollout(rollout: RolloutConfig) -> None:

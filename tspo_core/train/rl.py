@@ -11,10 +11,16 @@ fingerprints, periodic dev evaluation, the export of the final model, and the st
   scheduler and RNG states every `train.checkpoint_every` steps (atomic); `fit` resumes from the last one.
 - `model.lora_r > 0` trains peft adapters instead of all parameters (`tspo_core.train.lora`): the optimizer holds
   the trainable parameters only, checkpoints hold the adapters, and the stage's final model has them merged in.
+- `rollout.backend: vllm`: a vLLM engine in this process samples the rollouts. The policy's weights are pushed
+  into it in place when training starts (a name it cannot load fails there) and after every update, before the dev
+  evaluation (`tspo_core.train.weight_sync`: LoRA merged on the fly, FSDP shards gathered); on a GPU its sleep mode
+  frees the KV cache during the update. The old log-probs are recomputed with the trainer's model
+  (`rollout.recompute_logprobs`) and the gap to vLLM's is logged (`logp_delta_mean`, `logp_delta_max`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,6 +44,7 @@ from tspo_core.train.distributed import Dist, full_state_dict, gathered, shard
 from tspo_core.train.logprobs import token_logprobs
 from tspo_core.train.lora import describe, lora_settings
 from tspo_core.train.rl_step import Experience, Reference, RLSettings
+from tspo_core.train.weight_sync import policy_weights
 
 __all__ = ["Dist", "Experience", "RLSettings", "RLTrainer", "TrainingError", "dev_subsets", "greedy_dev_em",
            "run_rl", "token_logprobs"]
@@ -96,10 +103,26 @@ class RLTrainer:
     def questions_for(self, step: int) -> tuple[list[QAExample], int]:
         return rl_step.questions_for(self.questions, step, self.cfg.train, self.dist.rank, self.dist.world)
 
+    @property
+    def pushes_weights(self) -> bool:
+        """Whether rollouts come from an engine of its own (vLLM) that needs the policy's weights pushed in."""
+        return hasattr(self.engine.backend, "push_weights")
+
     def collect(self, step: int) -> Experience:
-        with gathered(self.model):
+        # the HF backend generates with the policy itself: on gathered parameters; a vLLM engine holds its own copy
+        with contextlib.nullcontext() if self.pushes_weights else gathered(self.model):
             return rl_step.collect(self.model, self.engine, self.questions, step, self.cfg, self.dist.rank,
                                    self.dist.world)
+
+    def sync_weights(self) -> float:
+        """Push the policy's current weights into the rollout engine (vLLM; LoRA merged, FSDP shards gathered:
+        `tspo_core.train.weight_sync`), waking it first; returns the seconds it took (0 for the HF backend)."""
+        if not self.pushes_weights:
+            return 0.0
+        t0 = time.monotonic()
+        with torch.no_grad():
+            self.engine.backend.push_weights(policy_weights(self.model))
+        return time.monotonic() - t0
 
     def update(self, exp: Experience) -> dict[str, float]:
         return rl_step.update(self.model, self.opt, self.sched, exp, self.reference, self.cfg, self.dist.all_sum,
@@ -128,7 +151,10 @@ class RLTrainer:
         t0 = time.monotonic()
         exp = self.collect(self.step)
         t_roll = time.monotonic() - t0
+        if self.pushes_weights:
+            self.engine.backend.sleep()  # GPU sleep mode: its KV cache freed during the update
         metrics = self.update(exp)
+        t_sync = self.sync_weights()  # before the dev evaluation, which samples with the engine
         stats = exp.batch.stats()
         diag = group_diagnostics(exp.outcome, exp.first_occurrence, exp.batch.group_ids, self.cfg.reward.folr_alpha)
         cats = category_shares(exp.first_occurrence, exp.em)
@@ -138,7 +164,9 @@ class RLTrainer:
                                           "skipped_nonfinite") if k in metrics},
                "response_tokens": stats["response_tokens_mean"], "turns": stats["turns_mean"],
                "searches": stats["searches_mean"], "invalid_rate": stats["invalid_action_rate"],
-               "rollout_s": round(t_roll, 3), "step_s": round(time.monotonic() - t0, 3)}
+               **(exp.logprob_stats or {}), "rollout_s": round(t_roll, 3),
+               **({"weight_sync_s": round(t_sync, 3)} if self.pushes_weights else {}),
+               "step_s": round(time.monotonic() - t0, 3)}
         every = self.cfg.train.eval_every
         if self.dev_sets and every and ((self.step + 1) % every == 0 or self.step + 1 == self.cfg.train.steps):
             rec.update(self.dev_em())
@@ -205,6 +233,8 @@ class RLTrainer:
             else:
                 self.resume(ckpt_dir)
                 log.info("resumed from %s at step %d", ckpt_dir, self.step)
+        if self.pushes_weights:  # the engine starts from these weights (resumed, or LoRA merged); a name it cannot
+            self.sync_weights()  # load fails here, before any rollout
         total = self.cfg.train.steps
         while self.step < total:
             rec = self.train_step()
@@ -241,10 +271,10 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     from tspo_core.train.lora import apply_lora
 
     check_rl_rollout(params.rollout)
-    if params.rollout.backend == "vllm":
-        raise ConfigError("rollout.backend = vllm is not supported for RL training yet: the vLLM engine would need "
-                          "the policy weights synced after every update. Use `hf` for training (vLLM works for "
-                          "evaluation, where weights are fixed).")
+    if params.rollout.backend == "vllm" and dist.world > 1:
+        raise ConfigError(f"rollout.backend = vllm with {dist.world} ranks: one colocated engine per rank inside a "
+                          "torchrun world is not implemented yet (vLLM would join the trainer's process group); "
+                          "train with one process per node or rollout.backend: hf")
     out_dir = Path(out_dir)
     sft_dir = Path(params.paths.sft_dir)
     lora = params.model.lora_r > 0
@@ -258,7 +288,7 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     questions = load_flashrag_jsonl(Path(params.paths.data_dir) / "rl_train.jsonl")
     retriever = open_retriever(params.retrieval, params.paths)
     engine = make_engine(policy, tokenizer, retriever, params.rollout, params.retrieval, params.model,
-                         checkpoint=str(sft_dir))
+                         checkpoint=str(sft_dir), sleep_mode=True)
     adv = AdvantageConfig(**{**params.advantage.model_dump(), "estimator": estimator})
     cfg = RLSettings(params.rollout, params.reward, adv, params.optim, params.train, params.eval.answer_normalization)
     dev_sets = dev_subsets(params) if params.train.eval_every else None

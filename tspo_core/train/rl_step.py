@@ -4,7 +4,8 @@ Algorithm, per step (TSPO.md, REFERENCE.md "Reference training settings"):
 1. Sample `prompts_per_step` training questions (a pure function of the seed and the step, so a resumed run sees
    the same questions); each rank takes its share. Group ids are global question indices, made before the G-fold
    repeat, so groups never merge across questions or ranks.
-2. G rollouts per question with the rollout engine (temperature `rollout.temperature`); rollout log-probs kept.
+2. G rollouts per question with the rollout engine (temperature `rollout.temperature`); rollout log-probs kept,
+   or (`rollout.recompute_logprobs`, the default with vLLM) recomputed with the trainer's model, the gap logged.
 3. Rewards: outcome o = EM of the final answer (+ optional format bonus); FOLR first-occurrence turn f from the
    observation text only.
 4. Advantages (B, T) from `advantage.estimator` (`grpo`, `grpo_folr`, `tspo`, ...), zero off the policy mask.
@@ -59,6 +60,7 @@ class Experience:
     em: torch.Tensor  # (B,) float: EM alone
     first_occurrence: torch.Tensor  # (B,) long, -1 = the answer never appeared in an observation
     advantages: torch.Tensor  # (B, T) float, 0 off the policy mask
+    logprob_stats: dict[str, float] | None = None  # with `rollout.recompute_logprobs`: sampler vs trainer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,7 +84,10 @@ def collect(policy, engine: RolloutEngine, questions: Sequence[QAExample], step:
     policy.eval()
     batch = engine.run(mine, cfg.rollout.group_size, cfg.rollout.temperature, cfg.rollout.top_p,
                        group_offset=offset)
-    return make_experience(batch, cfg.reward, cfg.advantage, cfg.answer_normalization)
+    stats = recompute_logprobs(policy, batch, cfg) if cfg.rollout.recomputes_logprobs else None
+    exp = make_experience(batch, cfg.reward, cfg.advantage, cfg.answer_normalization)
+    exp.logprob_stats = stats
+    return exp
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,20 +132,39 @@ class Reference:
         self.model, self.cfg, self.adapters_disabled = model, cfg, adapters_disabled
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        t, lengths = batch.tensors, batch.tensors.attention_mask.sum(1)  # lengths (B,)
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        ref_logp = torch.zeros_like(batch.logprobs)  # (B, T)
         off = self.model.disable_adapter() if self.adapters_disabled else contextlib.nullcontext()
-        with torch.no_grad(), off:
-            for rows in micro_batches(range(len(batch.rollouts)), lengths, self.cfg.train.micro_batch_size):
-                lp = token_logprobs(self.model, take(t.input_ids, rows, lengths, device),
-                                   take(t.attention_mask, rows, lengths, device), self.cfg.rollout.temperature,
-                                   mask=take(t.policy_mask, rows, lengths, device))[0]  # 0 off policy tokens
-                ref_logp[rows, :lp.shape[1]] = lp.cpu()
-        self.model.train(was_training)
-        return ref_logp
+        with off:
+            return policy_token_logprobs(self.model, batch, self.cfg)
+
+
+def policy_token_logprobs(model, batch: RolloutBatch, cfg: RLSettings) -> torch.Tensor:
+    """(B, T) log-probs of the rollouts' policy tokens under `model` at `rollout.temperature` (0 elsewhere), in
+    eval mode, without gradients, micro-batched like the update."""
+    t, lengths = batch.tensors, batch.tensors.attention_mask.sum(1)  # lengths (B,)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.zeros_like(batch.logprobs)  # (B, T)
+    with torch.no_grad():
+        for rows in micro_batches(range(len(batch.rollouts)), lengths, cfg.train.micro_batch_size):
+            lp = token_logprobs(model, take(t.input_ids, rows, lengths, device),
+                               take(t.attention_mask, rows, lengths, device), cfg.rollout.temperature,
+                               mask=take(t.policy_mask, rows, lengths, device))[0]  # 0 off policy tokens
+            out[rows, :lp.shape[1]] = lp.cpu()
+    model.train(was_training)
+    return out
+
+
+def recompute_logprobs(policy, batch: RolloutBatch, cfg: RLSettings) -> dict[str, float]:
+    """Replace the sampler's log-probs in `batch` with the trainer's (PPO's old log-probs; `rollout.
+    recompute_logprobs`) and return how far apart they were on policy tokens: `logp_delta_mean`, `logp_delta_max`
+    (|sampler - trainer|, nats). Under FSDP every rank must call it (it runs the sharded forward)."""
+    mine = policy_token_logprobs(policy, batch, cfg)  # (B, T)
+    mask = batch.tensors.policy_mask.bool()
+    delta = (batch.logprobs - mine).abs()[mask]
+    batch.logprobs = mine
+    return {"logp_delta_mean": float(delta.mean()) if delta.numel() else 0.0,
+            "logp_delta_max": float(delta.max()) if delta.numel() else 0.0}
 
 
 LOGGED = ("loss", "pg_loss", "kl", "entropy")
