@@ -5,7 +5,10 @@ then equal to HF's of the same weights, and three RL steps sampled by vLLM with 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +60,19 @@ def greedy(backend, tok):
     return [g.token_ids for g in gens], [g.logprobs for g in gens]
 
 
+def rollout_engine(backend, tok):
+    return RolloutEngine(backend, tok, DictRetriever(), RolloutSettings(max_turns=2, max_new_tokens_per_turn=12,
+                                                                        top_k=1, prompt_template="compact"))
+
+
+def rl_settings(steps: int) -> RLSettings:
+    return RLSettings(RolloutConfig(backend="vllm", group_size=4, temperature=1.0), RewardConfig(folr_alpha=0.5),
+                      AdvantageConfig(estimator="tspo"),
+                      OptimConfig(lr=1e-2, warmup_ratio=0.0, entropy_coef=0.01),  # a gradient even at reward 0
+                      TrainConfig(steps=steps, prompts_per_step=4, mini_batch_size=16, micro_batch_size=8,
+                                  checkpoint_every=steps, seed=0))
+
+
 def max_gap(a, b):
     return max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
 
@@ -100,17 +116,10 @@ def test_three_rl_steps_with_vllm_rollouts(start, engine, tmp_path):
     engine ends holding the trained weights."""
     model, tok = load(start)
     ref = load(start)[0]
-    rollouts = RolloutEngine(engine, tok, DictRetriever(),
-                             RolloutSettings(max_turns=2, max_new_tokens_per_turn=12, top_k=1,
-                                             prompt_template="compact"))
-    cfg = RLSettings(RolloutConfig(backend="vllm", group_size=4, temperature=1.0), RewardConfig(folr_alpha=0.5),
-                     AdvantageConfig(estimator="tspo"),
-                     OptimConfig(lr=1e-2, warmup_ratio=0.0, entropy_coef=0.01),  # a gradient even at reward 0
-                     TrainConfig(steps=3, prompts_per_step=4, mini_batch_size=16, micro_batch_size=8,
-                                 checkpoint_every=3, seed=0))
+    cfg = rl_settings(steps=3)
     assert cfg.rollout.recomputes_logprobs
     engine.push_weights(policy_weights(ref))  # another test left other weights in it: fit must push its own
-    trainer = RLTrainer(model, ref, tok, rollouts, QUESTIONS, cfg)
+    trainer = RLTrainer(model, ref, tok, rollout_engine(engine, tok), QUESTIONS, cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     history = trainer.fit(tmp_path / "ck")
     assert len(history) == 3
@@ -122,6 +131,21 @@ def test_three_rl_steps_with_vllm_rollouts(start, engine, tmp_path):
         assert rec["response_tokens"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert greedy(engine, tok)[0] == greedy(HFBackend(model, tok), tok)[0]
+
+
+def test_two_ranks_each_with_its_own_engine_train_and_end_holding_the_trained_weights(start, tmp_path):
+    """2 FSDP2 gloo ranks, each sampling with its own vLLM engine (a data-parallel replica inside the trainer's
+    process group): both log the same loss (one global update), and each engine ends holding the full trained
+    weights gathered from the shards (its greedy output equals HF's of the gathered model)."""
+    env = {**os.environ, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("_vllm_ranks_worker.py")),
+                               str(tmp_path), str(start)], env={**env, "RANK": str(r)}) for r in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all(r["greedy_equal"] for r in ranks)
+    for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["logp_delta_max"] < 1e-3 and b["logp_delta_max"] < 1e-3
 
 
 def test_a_weight_the_engine_cannot_load_fails_with_one_line_naming_it(engine):

@@ -180,6 +180,13 @@ class VLLMBackend:
             kwargs["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            # one engine per trainer rank (each its own data-parallel replica, tensor parallel 1) inside the
+            # trainer's process group, which vLLM joins instead of making its own
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+            os.environ.setdefault("LOCAL_RANK", str(tdist.get_rank()))
         if sleep_mode and on_cpu:
             log.info("vLLM sleep mode is not supported on the CPU: the engine's KV cache stays allocated during "
                      "the update")

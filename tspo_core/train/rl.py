@@ -11,7 +11,8 @@ fingerprints, periodic dev evaluation, the export of the final model, and the st
   scheduler and RNG states every `train.checkpoint_every` steps (atomic); `fit` resumes from the last one.
 - `model.lora_r > 0` trains peft adapters instead of all parameters (`tspo_core.train.lora`): the optimizer holds
   the trainable parameters only, checkpoints hold the adapters, and the stage's final model has them merged in.
-- `rollout.backend: vllm`: a vLLM engine in this process samples the rollouts. The policy's weights are pushed
+- `rollout.backend: vllm`: a vLLM engine in this process samples the rollouts (under torchrun one per rank, each a
+  data-parallel replica inside the trainer's process group). The policy's weights are pushed
   into it in place when training starts (a name it cannot load fails there) and after every update, before the dev
   evaluation (`tspo_core.train.weight_sync`: LoRA merged on the fly, FSDP shards gathered); on a GPU its sleep mode
   frees the KV cache during the update. The old log-probs are recomputed with the trainer's model
@@ -271,10 +272,6 @@ def run_rl(params, estimator: str, out_dir: str | Path, on_step: Callable[[dict,
     from tspo_core.train.lora import apply_lora
 
     check_rl_rollout(params.rollout)
-    if params.rollout.backend == "vllm" and dist.world > 1:
-        raise ConfigError(f"rollout.backend = vllm with {dist.world} ranks: one colocated engine per rank inside a "
-                          "torchrun world is not implemented yet (vLLM would join the trainer's process group); "
-                          "train with one process per node or rollout.backend: hf")
     out_dir = Path(out_dir)
     sft_dir = Path(params.paths.sft_dir)
     lora = params.model.lora_r > 0
