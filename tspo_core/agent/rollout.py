@@ -16,6 +16,10 @@ For a batch of questions, each repeated G times (group ids are made per question
    first turn, unanswered, with the event `prompt_too_long` (their prompt segment is cut to the cap, so no tensor
    grows with the question). A cap that not even the prompt template with an empty question fits under is a
    `ConfigError` naming `rollout.max_context_tokens`, raised when the engine is made.
+8. So is a tokenizer that cannot run the protocol (`check_protocol_tokenizer`): no chat template while
+   `use_chat_template` is set, or a stop string that does not survive encode -> decode. A stop string may span
+   several tokens (SmolLM2 splits `</search>` into `</`, `search`, `>`): the backend finds it in the decoded text
+   and returns the sampled ids up to the token that completes it, which may run past it; those ids are kept.
 
 The result carries explicit per-token masks (`masks.build_masks`), the per-token turn index, the rollout
 log-probs aligned to the tokens, per-turn observations as text (for FOLR), final answers, and per-rollout logs.
@@ -118,8 +122,25 @@ class RolloutBatch:
         }
 
 
+def check_protocol_tokenizer(tokenizer, use_chat_template: bool) -> None:
+    """Refuse, with one line naming the tokenizer, one that cannot run the protocol: no chat template while
+    `model.use_chat_template` is true, or a stop string (`</search>`, `</answer>`) that does not survive
+    encode -> decode (the turn could never stop on it: both backends look for it in the decoded text)."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if use_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"model.use_chat_template = true but the tokenizer of {name} has no chat template "
+                          "(a base model: set model.use_chat_template: false)")
+    for stop in STOP_STRINGS:
+        ids = list(tokenizer.encode(stop, add_special_tokens=False))
+        back = tokenizer.decode(ids)
+        if back != stop:
+            raise ConfigError(f"{name}: its tokenizer cannot express the protocol's stop string {stop!r} (it "
+                              f"decodes back as {back!r}): generation could never stop on it")
+
+
 class RolloutEngine:
     def __init__(self, backend: GenerationBackend, tokenizer, retriever: Retriever, settings: RolloutSettings):
+        check_protocol_tokenizer(tokenizer, settings.use_chat_template)
         self.backend, self.tokenizer, self.retriever, self.s = backend, tokenizer, retriever, settings
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._invalid_ids = self._encode(INVALID_ACTION_MESSAGE)
