@@ -8,9 +8,9 @@ into tables. Deployment: prefect.yaml (`tspo-pipeline`).
 `flows.tracking.dvc_stages`), each `dvc repro --single-item STAGE`: every stage has its own state, duration, logs
 and retries; a failed stage fails its task and every later stage is left `NotReady` (as `dvc repro` stops at the
 first failure). `exp` is one task (`dvc exp run ...`: one experiment is one DVC command). The stage processes get
-this flow run's and the task run's ids in their environment (`flows.common.PARENT_*_ENV`), so each stage's own
-flow run is a subflow run of its task, tagged `parent:<flow run id>`. Output lines keep one timestamp (Prefect's
-console stamp of a stage line is dropped) and DVC's `ERROR:` lines are logged at ERROR.
+this flow run's and the task run's ids in their environment, so each stage's own flow run is a subflow run of
+its task, tagged `parent:<flow run id>` (`flows.subflow`). Output lines keep one timestamp (Prefect's console stamp
+of a stage line is dropped) and DVC's `ERROR:` lines are logged at ERROR.
 """
 
 # python -m flows.pipeline                                             dvc repro
@@ -40,7 +40,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flows.common import PARENT_FLOW_RUN_ENV, PARENT_TASK_RUN_ENV, main, markdown_table, publish
+from flows.common import main, markdown_table, publish
+from flows.subflow import PARENT_FLOW_RUN_ENV, PARENT_TASK_RUN_ENV
 from tspo_core.config import dump_params, load_params
 from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import write_text
@@ -348,7 +349,7 @@ def _task_log() -> Callable[[str], None]:
 
 
 def _parent_env() -> dict[str, str]:
-    """The ids the stage flows link themselves with (`flows.common.run_stage_flow`): this flow run, this task run."""
+    """The ids the stage flows link themselves with (`flows.subflow.run_stage_flow`): this flow run, this task run."""
     from prefect.runtime import flow_run, task_run
 
     return {PARENT_FLOW_RUN_ENV: str(flow_run.id), PARENT_TASK_RUN_ENV: str(task_run.id)}

@@ -197,9 +197,12 @@ def test_stage_order_of_this_project_comes_from_dvc():
 
 @pytest.mark.parametrize("line, level, message", [
     # a stage flow's console line: Prefect's stamp dropped (the task's logger adds one), its level kept
-    ("22:18:08.123 | INFO    | Flow run 'crazy-fox' - Beginning flow run", "INFO", "Flow run 'crazy-fox' - Beginning flow run"),
-    ("22:18:08.123 | WARNING | tspo_core.train.rl - resumed at step 3", "WARNING", "tspo_core.train.rl - resumed at step 3"),
-    ("09:00:00.000 | ERROR   | Flow run 'x' - Finished in state Failed", "ERROR", "Flow run 'x' - Finished in state Failed"),
+    ("22:18:08.123 | INFO    | Flow run 'crazy-fox' - Beginning flow run", "INFO",
+     "Flow run 'crazy-fox' - Beginning flow run"),
+    ("22:18:08.123 | WARNING | tspo_core.train.rl - resumed at step 3", "WARNING",
+     "tspo_core.train.rl - resumed at step 3"),
+    ("09:00:00.000 | ERROR   | Flow run 'x' - Finished in state Failed", "ERROR",
+     "Flow run 'x' - Finished in state Failed"),
     ("00:00:01.5 | CRITICAL | boom", "CRITICAL", "boom"),
     # DVC's own lines, the stage CLIs' one-line errors and warnings
     ("ERROR: failed to reproduce 'sft': failed to run: python -m flows.sft, exited with 2", "ERROR",
@@ -234,6 +237,30 @@ def test_retries_skip_bad_input_only():
     assert _retry_stage(None, None, Failed(data=PipelineError("exit 1: a crash"))) is True
     assert _retry_stage(None, None, Failed(data=OSError("disk full"))) is True
     assert _retry_stage(None, None, Completed(data={})) is False
+
+
+def test_stage_flow_runs_plain_without_a_parent_and_unlinked_when_the_link_fails(monkeypatch, capsys):
+    import prefect.client.orchestration
+    from prefect import flow as prefect_flow
+
+    from flows import subflow
+
+    calls: list[dict] = []
+    plain = lambda **kw: calls.append(kw) or "ran"  # noqa: E731 - not a Prefect flow: called as it is
+    assert subflow.run_stage_flow(plain, {"params_path": "p"}, environ={}) == "ran"
+    assert subflow.run_stage_flow(plain, {"params_path": "q"}, environ={subflow.PARENT_FLOW_RUN_ENV: "x"}) == "ran"
+    assert calls == [{"params_path": "p"}, {"params_path": "q"}]
+
+    def no_server(*args, **kwargs):
+        raise RuntimeError("connection refused")
+
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", no_server)
+    monkeypatch.setattr(subflow.time, "sleep", lambda s: None)
+    stage = prefect_flow(name="stage-x")(lambda params_path: params_path)
+    assert subflow._subflow_run(stage, {"params_path": "p"}, "0193d2c4-0000-7000-8000-000000000000") is None
+    assert capsys.readouterr().err == ("warning: not linked to the pipeline task run 0193d2c4-0000-7000-8000-"
+                                       "000000000000 (RuntimeError: connection refused); this stage's flow run is "
+                                       "tagged with the pipeline run only\n")
 
 
 def test_params_file_is_resolved_into_params_yaml(tmp_path):
