@@ -185,7 +185,9 @@ def main(flow: Callable[..., Any], description: str, options: Mapping[str, dict]
     if not debug:
         hide_console_tracebacks()
     try:
-        flow(params_path=params_path, **args)
+        from flows.subflow import run_stage_flow  # a subflow run of the pipeline task that started it, if any
+
+        run_stage_flow(flow, {"params_path": params_path, **args})
     except BaseException as err:
         if isinstance(err, SystemExit) and not err.code:
             raise

@@ -1,8 +1,16 @@
 """Top-level flow `pipeline`: runs the DVC pipeline (`dvc repro`, or `dvc exp run -S key=value` so that sweeps
 launched from the Prefect UI are recorded by DVC), then publishes the resulting metrics as Prefect artifacts.
 Thin on purpose: DVC decides what is stale and records every run (dvc.lock, experiments); this flow starts it,
-streams its output to the flow logger and turns metrics/eval_*.json and metrics/train_*.json (whatever exists)
+streams its output to the run's logs and turns metrics/eval_*.json and metrics/train_*.json (whatever exists)
 into tables. Deployment: prefect.yaml (`tspo-pipeline`).
+
+`repro` runs one Prefect task per DVC stage, named after the stage, in DAG order (DVC's stage graph, as `dvc dag`:
+`flows.tracking.dvc_stages`), each `dvc repro --single-item STAGE`: every stage has its own state, duration, logs
+and retries; a failed stage fails its task and every later stage is left `NotReady` (as `dvc repro` stops at the
+first failure). `exp` is one task (`dvc exp run ...`: one experiment is one DVC command). The stage processes get
+this flow run's and the task run's ids in their environment, so each stage's own flow run is a subflow run of
+its task, tagged `parent:<flow run id>` (`flows.subflow`). Output lines keep one timestamp (Prefect's console stamp
+of a stage line is dropped) and DVC's `ERROR:` lines are logged at ERROR.
 """
 
 # python -m flows.pipeline                                             dvc repro
@@ -14,6 +22,7 @@ into tables. Deployment: prefect.yaml (`tspo-pipeline`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -21,15 +30,18 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flows.common import main, publish
+from flows.common import main, markdown_table, publish
+from flows.subflow import PARENT_FLOW_RUN_ENV, PARENT_TASK_RUN_ENV
 from tspo_core.config import dump_params, load_params
 from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import write_text
@@ -51,6 +63,10 @@ PROGRESS_EVERY_S = 10.0
 
 class PipelineError(TSPOError):
     """DVC failed (the message holds the command, its exit code and the tail of its output) or cannot start."""
+
+
+class StageInputError(PipelineError):
+    """A stage command exited with 2 (bad input: the stage CLIs' `error:` line); a retry would fail the same."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,7 +103,7 @@ class PipelineOptions(BaseModel):
         "experiment (dvc exp show), the only mode that accepts overrides.")
     targets: list[str] = Field(
         default_factory=list, description="Stages to reproduce (with their stale upstream stages), e.g. `data`, "
-        "`train@tspo`, `evaluate@sft`. Empty: the whole pipeline.")
+        "`train@tspo`, `evaluate@sft`, or a foreach group (`train`: both). Empty: the whole pipeline.")
     overrides: list[str] = Field(
         default_factory=list, description="`key=value` settings of params.yaml for `dvc exp run -S`, e.g. "
         "`reward.folr_alpha=0.2`; values are YAML. With `queue`, `key=a,b,c` queues one experiment per value.")
@@ -95,6 +111,8 @@ class PipelineOptions(BaseModel):
                         "`dvc queue start`.")
     name: str | None = Field(None, description="exp mode: experiment name (`--name`).")
     force: bool = Field(False, description="Run the stages even when DVC finds them up to date (`--force`).")
+    retries: int = Field(0, ge=0, le=5, description="repro mode: retries of a failed stage task (a crashed "
+                         "training resumes from its checkpoint); never for bad input (the stage exits 2).")
     project_dir: str | None = Field(None, description="The DVC project to run in. Empty: the checkout that "
                                     "holds this flow (the deployment's working directory).")
     params_file: str | None = Field(
@@ -139,6 +157,8 @@ class PipelineOptions(BaseModel):
             if given:
                 raise ValueError(f"{', '.join(given)} need(s) mode 'exp' (dvc exp run); dvc repro only "
                                  "reproduces params.yaml as it is")
+        elif self.retries:
+            raise ValueError("retries need mode 'repro' (a task per stage); `dvc exp run` is one task")
         if self.params_file is not None:
             try:
                 load_params(self.params_source())
@@ -190,6 +210,44 @@ def dvc_command(options: PipelineOptions) -> list[str]:
     return cmd + list(options.targets)
 
 
+def stage_command(stage: str, force: bool = False) -> list[str]:
+    """The DVC command line of one stage task: that stage only (its upstream stages are tasks of their own)."""
+    return ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+
+
+def stage_order(graph: Mapping[str, Sequence[str]], targets: Sequence[str] = ()) -> list[str]:
+    """The stages `dvc repro [targets]` considers, each after every stage it depends on (at each step the first
+    ready stage in `graph`'s order, dvc.yaml's): `targets` (all stages when empty) and everything upstream of them.
+    `graph` maps each stage to the stages it depends on (`dvc_stages()[name]["upstream"]`). A target is a stage
+    (`train@grpo`, also `dvc.yaml:train@grpo`) or a `foreach` group (`train`: every `train@...`); anything else
+    raises PipelineError naming the stages there are."""
+    wanted: list[str] = []
+    for target in targets:
+        name = target.removeprefix("dvc.yaml:")
+        found = [s for s in graph if s == name or s.partition("@")[0] == name and "@" in s and "@" not in name]
+        if not found:
+            raise PipelineError(f"target {target!r}: no stage or foreach group of that name in dvc.yaml; stages: "
+                                f"{', '.join(graph)}")
+        wanted += found
+    todo, seen = list(wanted or graph), set()
+    while todo:  # the targets' upstream closure
+        if (name := todo.pop()) not in seen:
+            seen.add(name)
+            todo += [u for u in graph.get(name, ()) if u not in seen]
+    unknown = sorted(u for s in seen for u in graph.get(s, ()) if u not in graph)
+    if unknown:
+        raise PipelineError(f"stage graph names unknown stage(s) {unknown}")
+    order: list[str] = []
+    pending = [s for s in graph if s in seen]
+    while pending:
+        ready = next((s for s in pending if all(u in order for u in graph[s])), None)
+        if ready is None:
+            raise PipelineError(f"stage graph has a cycle among {pending}")
+        order.append(ready)
+        pending.remove(ready)
+    return order
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # running DVC
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,25 +294,121 @@ def stream_command(argv: list[str], cwd: Path, log: Callable[[str], None], env: 
     return code, list(tail), time.monotonic() - start
 
 
+# Prefect's console format (logging.yml, `standard`): `12:34:56.789 | INFO    | Flow run 'x' - message`
+_STAMPED = re.compile(r"^\d{2}:\d{2}:\d{2}(?:[.,]\d+)? \| (?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) *\| ?"
+                      r"(?P<msg>.*)$")
+_LEVEL_PREFIX = (("ERROR: ", logging.ERROR), ("error: ", logging.ERROR), ("WARNING: ", logging.WARNING),
+                 ("warning: ", logging.WARNING))  # DVC's own lines; the stage CLIs' `error:`/`warning:` lines
+_PY_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")
+_STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)\s*$")
+
+
+def log_record(line: str) -> tuple[int, str]:
+    """(logging level, message) for one output line of DVC or a stage: a line in Prefect's console format (a stage
+    flow's log line) loses its timestamp, the logger adds its own, and keeps its level; DVC's `ERROR:`/`WARNING:`
+    lines, the stage CLIs' `error:`/`warning:` lines and Python warnings get their level; anything else is INFO."""
+    if m := _STAMPED.match(line):
+        return logging.getLevelName(m["level"]), m["msg"]
+    for prefix, level in _LEVEL_PREFIX:
+        if line.startswith(prefix):
+            return level, line
+    return (logging.WARNING if _PY_WARNING.match(line) else logging.INFO), line
+
+
+def stage_exit_code(lines: Sequence[str]) -> int | None:
+    """The exit code of the stage command DVC ran, from DVC's `ERROR: failed to reproduce ...: failed to run: CMD,
+    exited with N` (DVC itself exits 255); None when no such line is there."""
+    for line in reversed(lines):
+        if m := _STAGE_EXIT.search(line):
+            return int(m[1])
+    return None
+
+
 def execute(cmd: list[str], project_dir: Path, log: Callable[[str], None],
-            dvc: Sequence[str] = (sys.executable, "-m", "dvc")) -> dict[str, Any]:
-    """Run the DVC command line `cmd` (from `dvc_command`) in `project_dir` with the `dvc` of this environment;
-    raise PipelineError with the tail of its output when it fails."""
+            dvc: Sequence[str] = (sys.executable, "-m", "dvc"), env: Mapping[str, str] | None = None
+            ) -> dict[str, Any]:
+    """Run the DVC command line `cmd` (from `dvc_command`) in `project_dir` with the `dvc` of this environment
+    (`env`: more environment variables); raise PipelineError with the tail of its output when it fails
+    (StageInputError when the stage command exited with 2)."""
     if not (project_dir / "dvc.yaml").is_file():
         raise PipelineError(f"{project_dir} is not this project's DVC checkout (no dvc.yaml); set `project_dir`")
     shown = " ".join(cmd)
     log(f"running `{shown}` in {project_dir}")
-    code, tail, seconds = stream_command([*dvc, *cmd[1:]], project_dir, log, env=subprocess_env())
+    code, tail, seconds = stream_command([*dvc, *cmd[1:]], project_dir, log, env={**subprocess_env(), **(env or {})})
     if code != 0:
-        raise PipelineError(f"`{shown}` failed with exit code {code} after {seconds:.1f} s in {project_dir}; last "
-                            f"{len(tail)} lines of its output:\n" + "\n".join(tail))
+        kind = StageInputError if stage_exit_code(tail) == 2 else PipelineError
+        raise kind(f"`{shown}` failed with exit code {code} after {seconds:.1f} s in {project_dir}; last "
+                   f"{len(tail)} lines of its output:\n" + "\n".join(tail))
     log(f"`{shown}` finished in {seconds:.1f} s")
     return {"command": shown, "exit_code": code, "seconds": round(seconds, 1), "tail": tail}
 
 
-@task(name="dvc")  # no retries: DVC itself resumes persisted outputs when the pipeline is run again
+def _task_log() -> Callable[[str], None]:
+    logger = get_run_logger()
+    return lambda line: logger.log(*log_record(line))
+
+
+def _parent_env() -> dict[str, str]:
+    """The ids the stage flows link themselves with (`flows.subflow.run_stage_flow`): this flow run, this task run."""
+    from prefect.runtime import flow_run, task_run
+
+    return {PARENT_FLOW_RUN_ENV: str(flow_run.id), PARENT_TASK_RUN_ENV: str(task_run.id)}
+
+
+@task(name="dvc", cache_policy=NO_CACHE)  # no retries: DVC itself resumes persisted outputs when run again
 def run_dvc(cmd: list[str], project_dir: str) -> dict[str, Any]:
-    return execute(cmd, Path(project_dir), get_run_logger().info)
+    """A whole DVC command as one task (`exp` mode)."""
+    return execute(cmd, Path(project_dir), _task_log(), env=_parent_env())
+
+
+def _retry_stage(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition of a stage task: any failure but bad input (the stage exited 2)."""
+    try:
+        state.result()
+    except StageInputError:
+        return False
+    except Exception:  # noqa: BLE001 - a crash, a killed process, a full disk: may pass on a retry
+        return True
+    return False
+
+
+@task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=_retry_stage)
+def run_stage(stage: str, project_dir: str, force: bool = False) -> Any:
+    """One DVC stage (`dvc repro --single-item STAGE`); state `Skipped` when DVC finds it up to date."""
+    result = execute(stage_command(stage, force), Path(project_dir), _task_log(), env=_parent_env())
+    result["stage"] = stage
+    if any(f"Stage '{stage}' didn't change, skipping" in line for line in result["tail"]):
+        return Completed(name="Skipped", message="up to date (dvc.lock matches): not run", data=result)
+    return result
+
+
+def run_stages(options: PipelineOptions, project: Path, order: list[str], graph: Mapping[str, Sequence[str]],
+               log: Any) -> tuple[list[dict[str, Any]], str | None, list[str]]:
+    """One `run_stage` task per stage of `order`, each after the tasks of its upstream stages (the run graph's
+    edges); after a failure the rest wait on the failed task too, so Prefect leaves them `NotReady`. Returns (one
+    row per stage: stage, state, seconds; the failure as one message or None; the tail of the last stage run)."""
+    states: dict[str, State] = {}
+    rows: list[dict[str, Any]] = []
+    failed: tuple[str, State] | None = None
+    tail: list[str] = []
+    for stage in order:
+        wait = [states[u] for u in graph[stage] if u in states] + ([failed[1]] if failed else [])
+        start = time.monotonic()
+        state = run_stage.with_options(task_run_name=stage, retries=options.retries, retry_delay_seconds=10)(
+            stage, str(project), options.force, wait_for=wait, return_state=True)
+        states[stage] = state
+        rows.append({"stage": stage, "state": state.name, "seconds": round(time.monotonic() - start, 1)})
+        if state.is_completed():
+            tail = state.result()["tail"]
+        elif failed is None:
+            failed = (stage, state)
+    if failed is None:
+        return rows, None, tail
+    err = failed[1].result(raise_on_failure=False)
+    not_run = [r["stage"] for r in rows if r["state"] == "NotReady"]
+    what = f"stage {failed[0]!r} {failed[1].name.lower()}" + (f" (not run: {', '.join(not_run)})" if not_run else "")
+    log.error(what)
+    return rows, f"{what}: {err}", str(err).splitlines()[-15:]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,21 +466,57 @@ def metrics_dir_of(project_dir: Path) -> Path:
     return path if path.is_absolute() else project_dir / path
 
 
+def plan(options: PipelineOptions, project: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """(the stages to run in DAG order, each stage's upstream stages) of `options.targets` in `project`."""
+    from dvc.exceptions import DvcException
+
+    from flows.tracking import dvc_stages
+
+    if not (project / "dvc.yaml").is_file():
+        raise PipelineError(f"{project} is not this project's DVC checkout (no dvc.yaml); set `project_dir`")
+    try:
+        graph = {name: s["upstream"] for name, s in dvc_stages(project).items()}
+    except DvcException as err:
+        raise PipelineError(f"cannot read the DVC pipeline of {project}: {err}") from None
+    return stage_order(graph, options.targets), graph
+
+
 @flow(name="pipeline")
 def pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
-    """Run the DVC pipeline (`dvc repro` or `dvc exp run -S ...`) and publish its metrics as artifacts."""
+    """Run the DVC pipeline (`dvc repro`: a task per stage; or `dvc exp run -S ...`) and publish its metrics as
+    artifacts."""
     log = get_run_logger()
     project = options.resolved_project_dir()
     cmd = dvc_command(options)
+    shown = " ".join(cmd)
     head = git_head(project)
+    order, graph = plan(options, project) if options.mode == "repro" else ([], {})
+    if order:
+        log.info("stages in DAG order: %s (one task each: `%s`)", ", ".join(order),
+                 " ".join(stage_command("STAGE", options.force)))
     resolved = resolve_params_file(options, log.info)
-    result = run_dvc(cmd, str(project))
-    summary: dict[str, Any] = {"command": result["command"], "project_dir": str(project), "git_head": head,
-                               "seconds": result["seconds"], "queued": options.queue}
-    notes = [f"`{result['command']}` in `{project}` (git HEAD `{head}`): exit code 0, {result['seconds']} s"]
+    start = time.monotonic()
+    if options.mode == "repro":
+        rows, failure, tail = run_stages(options, project, order, graph, log)
+    else:
+        rows, failure = [], None
+        tail = run_dvc.with_options(task_run_name=" ".join(cmd[:3]))(cmd, str(project))["tail"]
+    seconds = round(time.monotonic() - start, 1)
+    summary: dict[str, Any] = {"command": shown, "project_dir": str(project), "git_head": head, "seconds": seconds,
+                               "queued": options.queue, "stages": rows}
+    how = " as one task per stage in DAG order (`dvc repro --single-item STAGE`)" if options.mode == "repro" else ""
+    notes = [f"`{shown}` in `{project}` (git HEAD `{head}`){how}: "
+             + (f"failed after {seconds} s" if failure else f"exit code 0, {seconds} s")]
+    if rows:
+        notes.append(markdown_table(rows))
     if resolved is not None:
         summary["params_file"] = options.params_file
         notes.append(f"Params: `{options.params_file}`, fully resolved into `{resolved}` before DVC ran.")
+    if failure:
+        create_markdown_artifact(key="pipeline-run", description="What the pipeline flow ran",
+                                 markdown="# DVC run\n\n" + "\n\n".join([*notes, failure.splitlines()[0]])
+                                 + "\n\nLast lines of DVC's output:\n\n```\n" + "\n".join(tail) + "\n```\n")
+        raise PipelineError(failure)
     if options.queue:
         notes.append("Queued only: run the queue with `dvc queue start`, follow it with `dvc queue status`, "
                      "compare with `dvc exp show`.")
@@ -338,7 +528,7 @@ def pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
         notes.append(f"Metrics in the workspace: {len(eval_rows)} evaluation file(s), {len(train_rows)} training "
                      "summary file(s) (a stage that did not run keeps those of its last run)."
                      + (" Skipped: " + "; ".join(problems) if problems else ""))
-    tail = "\n".join(result["tail"][-15:])
+    tail = "\n".join(tail[-15:])
     create_markdown_artifact(key="pipeline-run", description="What the pipeline flow ran",
                              markdown="# DVC run\n\n" + "\n\n".join(notes)
                              + f"\n\nLast lines of DVC's output:\n\n```\n{tail}\n```\n")
@@ -358,11 +548,12 @@ def pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
 # CLI: python -m flows.pipeline [--mode exp --set key=value ...] [--target stage ...]
 # ----------------------------------------------------------------------------------------------------------------
 def _cli(params_path: str, mode: str, targets: list[str] | None, overrides: list[str] | None, queue: bool,
-         name: str | None, force: bool, project_dir: str | None, params_file: str | None = None) -> dict[str, Any]:
+         name: str | None, force: bool, project_dir: str | None, params_file: str | None = None,
+         retries: int = 0) -> dict[str, Any]:
     try:
         options = PipelineOptions(mode=mode, targets=targets or [], overrides=overrides or [], queue=queue,
                                   name=name, force=force, project_dir=project_dir,
-                                  params_file=params_file)
+                                  params_file=params_file, retries=retries)
     except ValidationError as err:
         raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
     project = options.resolved_project_dir()
@@ -383,6 +574,7 @@ if __name__ == "__main__":
         "--queue": {"action": "store_true", "help": "exp mode: queue only (dvc queue start runs the queue)"},
         "--name": {"default": None, "help": "exp mode: experiment name"},
         "--force": {"action": "store_true", "help": "run stages even when up to date"},
+        "--retries": {"type": int, "default": 0, "help": "repro mode: retries of a failed stage (not for bad input)"},
         "--project-dir": {"default": None, "help": "the DVC project (default: this checkout)"},
         "--params-file": {"default": None, "help": "a params file (e.g. configs/tiny.yaml), resolved into the "
                           "project's params.yaml before DVC runs"},

@@ -51,15 +51,18 @@ class StageIO:
 
 
 def dvc_stages(root: str | Path = CHECKOUT) -> dict[str, dict[str, Any]]:
-    """Every stage of the DVC project at `root` as DVC expands it: {`train@tspo`: {cmd, deps, outs (neither metrics
-    nor plots), metrics, plots}} with dvc.yaml's paths."""
+    """Every stage of the DVC project at `root` as DVC expands it, in dvc.yaml's order: {`train@tspo`: {cmd, deps,
+    outs (neither metrics nor plots), metrics, plots, upstream (the stages it depends on: DVC's graph, `dvc dag`)}}
+    with dvc.yaml's paths."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to each stage whose outputs it depends on
         return {s.name: {"cmd": s.cmd, "deps": [d.def_path for d in s.deps],
                                "outs": [o.def_path for o in s.outs if not (o.metric or o.plot)],
                                "metrics": [o.def_path for o in s.outs if o.metric],
-                               "plots": [o.def_path for o in s.outs if o.plot]} for s in repo.index.stages}
+                               "plots": [o.def_path for o in s.outs if o.plot],
+                               "upstream": [u.name for u in graph.successors(s)]} for s in repo.index.stages}
 
 
 def stage_name(flow: str, options: Mapping[str, Any], stages: Mapping[str, Any] | None = None) -> str | None:
@@ -97,7 +100,7 @@ def stage_io(stage: str, paths: Any, stages: Mapping[str, Any] | None = None, ch
         raise ValueError(f"unknown stage {stage!r}")
     was = like.partition("@")[2]  # `evaluate@mine` read off `evaluate@tspo`: tspo -> mine in its paths
     own = (lambda p: re.sub(rf"(?<=[/_]){re.escape(was)}(?=$|[/.])", item, p)) if was != item else (lambda p: p)
-    s = {k: [own(p) for p in v] for k, v in stages[like].items() if k != "cmd"}
+    s = {k: [own(p) for p in v] for k, v in stages[like].items() if k not in ("cmd", "upstream")}
     outs = s["outs"] + s["metrics"] + s["plots"]
     made = {n: a for st in stages.values() for n, a in _specs(st["outs"] + st["metrics"], defaults).items()}
     inputs = [made.get(n, a) for n, a in _specs(s["deps"], defaults).items()]

@@ -20,6 +20,8 @@ PACKAGES = ("flows", "tspo_core")
 SIDE_EFFECT_ONLY = {
     "flows.tracking": "W&B logging of a finished stage, called from flows.common.main() after the outputs are "
                       "written; any failure there is a warning, so it cannot change a stage's outputs",
+    "flows.subflow": "Prefect bookkeeping: records a stage's flow run as a subflow run of the pipeline task that "
+                     "started it; the flow function, and so the stage's outputs, are the same either way",
 }
 """Modules left out of the closure, with the reason: what they (and what only they) import is not a stage dep."""
 _CMD = re.compile(r"\bpython\s+-m\s+(flows\.\w+)")

@@ -38,8 +38,9 @@ from pydantic import ValidationError
 
 from conftest import REPO
 from dvc_support import make_project_copy
-from flows.pipeline import (PipelineError, PipelineOptions, check_overrides, dvc_command, execute, pipeline,
-                            read_metric_rows, stream_command)
+from flows.pipeline import (PipelineError, PipelineOptions, StageInputError, check_overrides, dvc_command, execute,
+                            log_record, pipeline, read_metric_rows, stage_command, stage_exit_code, stage_order,
+                            stream_command)
 from tspo_core.config import Params, load_params
 from tspo_core.procs import stop_process as _stop
 
@@ -94,6 +95,8 @@ def test_options_build_the_dvc_command_line(kwargs, expected):
     ({"overrides": ["train.steps=1"]}, "need(s) mode 'exp'"),
     ({"queue": True}, "need(s) mode 'exp'"),
     ({"name": "x"}, "need(s) mode 'exp'"),
+    ({"mode": "exp", "retries": 1}, "retries need mode 'repro'"),
+    ({"retries": -1}, "greater than or equal to 0"),
     ({"targets": ["--force"]}, "bad target '--force'"),
     ({"targets": ["data; rm -rf /"]}, "bad target"),
     ({"mode": "exp", "name": "-n"}, "bad experiment name"),
@@ -148,6 +151,116 @@ def test_flow_parameters_are_one_pydantic_model():
 
     with pytest.raises(ParameterTypeError, match="reward.folr_alph: unknown key"):
         pipeline.validate_parameters({"options": {"mode": "exp", "overrides": ["reward.folr_alph=0.2"]}})
+
+
+# a hand-made stage graph (stage -> the stages it depends on), in a "dvc.yaml order" that lists a stage before its
+# upstream stages: the order must come from the edges; at each step the first ready stage in this order
+GRAPH = {"report": ["eval@b", "eval@a"], "eval@a": ["train@a", "data"], "train@a": ["prep", "data"],
+         "eval@b": ["data"], "prep": ["data"], "data": [], "lint": []}
+
+
+@pytest.mark.parametrize("targets, expected", [
+    ([], ["data", "eval@b", "prep", "train@a", "eval@a", "report", "lint"]),
+    (["eval@a"], ["data", "prep", "train@a", "eval@a"]),
+    (["dvc.yaml:eval@b", "lint"], ["data", "eval@b", "lint"]),
+    (["eval"], ["data", "eval@b", "prep", "train@a", "eval@a"]),  # a foreach group: every eval@...
+    (["prep", "prep"], ["data", "prep"]),
+])
+def test_stage_order_is_dag_order_of_the_targets_and_their_upstream(targets, expected):
+    order = stage_order(GRAPH, targets)
+    assert order == expected
+    assert all(order.index(u) < order.index(s) for s in order for u in GRAPH[s])
+
+
+def test_stage_order_refuses_unknown_targets_and_cycles():
+    with pytest.raises(PipelineError, match=r"^target 'evaluate@c': no stage or foreach group of that name in "
+                                            r"dvc.yaml; stages: report, eval@a, "):
+        stage_order(GRAPH, ["evaluate@c"])
+    with pytest.raises(PipelineError, match="target 'eval@': no stage"):
+        stage_order(GRAPH, ["eval@"])
+    with pytest.raises(PipelineError, match=r"cycle among \['a', 'b'\]"):
+        stage_order({"a": ["b"], "b": ["a"], "c": []})
+
+
+def test_stage_order_of_this_project_comes_from_dvc():
+    from flows.tracking import dvc_stages
+
+    graph = {name: s["upstream"] for name, s in dvc_stages(REPO).items()}
+    assert graph["data"] == [] and set(graph["report"]) == {"evaluate@sft", "evaluate@grpo", "evaluate@tspo",
+                                                             "train@grpo", "train@tspo"}
+    assert stage_order(graph) == ["data", "index", "sft", "train@grpo", "train@tspo", "evaluate@sft",
+                                  "evaluate@grpo", "evaluate@tspo", "report"]
+    assert stage_order(graph, ["train@grpo"]) == ["data", "index", "sft", "train@grpo"]
+    assert stage_command("train@grpo") == ["dvc", "repro", "--single-item", "train@grpo"]
+    assert stage_command("data", force=True) == ["dvc", "repro", "--single-item", "--force", "data"]
+
+
+@pytest.mark.parametrize("line, level, message", [
+    # a stage flow's console line: Prefect's stamp dropped (the task's logger adds one), its level kept
+    ("22:18:08.123 | INFO    | Flow run 'crazy-fox' - Beginning flow run", "INFO",
+     "Flow run 'crazy-fox' - Beginning flow run"),
+    ("22:18:08.123 | WARNING | tspo_core.train.rl - resumed at step 3", "WARNING",
+     "tspo_core.train.rl - resumed at step 3"),
+    ("09:00:00.000 | ERROR   | Flow run 'x' - Finished in state Failed", "ERROR",
+     "Flow run 'x' - Finished in state Failed"),
+    ("00:00:01.5 | CRITICAL | boom", "CRITICAL", "boom"),
+    # DVC's own lines, the stage CLIs' one-line errors and warnings
+    ("ERROR: failed to reproduce 'sft': failed to run: python -m flows.sft, exited with 2", "ERROR",
+     "ERROR: failed to reproduce 'sft': failed to run: python -m flows.sft, exited with 2"),
+    ("WARNING: 'data' is empty.", "WARNING", "WARNING: 'data' is empty."),
+    ("error: params.yaml: train.stepz: unknown key", "ERROR", "error: params.yaml: train.stepz: unknown key"),
+    ("warning: W&B tracking: offline", "WARNING", "warning: W&B tracking: offline"),
+    ("/x/torch/init.py:51: UserWarning: TF32 is off", "WARNING", "/x/torch/init.py:51: UserWarning: TF32 is off"),
+    ("Running stage 'data':", "INFO", "Running stage 'data':"),
+    ("12:00 the stage printed a time", "INFO", "12:00 the stage printed a time"),
+    ("report: ERROR: not at the start", "INFO", "report: ERROR: not at the start"),
+])
+def test_log_record_keeps_one_timestamp_and_maps_levels(line, level, message):
+    import logging
+
+    assert log_record(line) == (getattr(logging, level), message)
+
+
+def test_stage_exit_code_is_read_from_dvc_error_line():
+    line = "ERROR: failed to reproduce 'sft': failed to run: python -m flows.sft --params params.yaml, exited with 2"
+    assert stage_exit_code(["Running stage 'sft':", line, ""]) == 2
+    assert stage_exit_code([line.replace("with 2", "with -9")]) == -9
+    assert stage_exit_code(["ERROR: failed to reproduce 'x': unable to acquire lock"]) is None
+
+
+def test_retries_skip_bad_input_only():
+    from prefect.states import Completed, Failed
+
+    from flows.pipeline import _retry_stage
+
+    assert _retry_stage(None, None, Failed(data=StageInputError("exit 2"))) is False
+    assert _retry_stage(None, None, Failed(data=PipelineError("exit 1: a crash"))) is True
+    assert _retry_stage(None, None, Failed(data=OSError("disk full"))) is True
+    assert _retry_stage(None, None, Completed(data={})) is False
+
+
+def test_stage_flow_runs_plain_without_a_parent_and_unlinked_when_the_link_fails(monkeypatch, capsys):
+    import prefect.client.orchestration
+    from prefect import flow as prefect_flow
+
+    from flows import subflow
+
+    calls: list[dict] = []
+    plain = lambda **kw: calls.append(kw) or "ran"  # noqa: E731 - not a Prefect flow: called as it is
+    assert subflow.run_stage_flow(plain, {"params_path": "p"}, environ={}) == "ran"
+    assert subflow.run_stage_flow(plain, {"params_path": "q"}, environ={subflow.PARENT_FLOW_RUN_ENV: "x"}) == "ran"
+    assert calls == [{"params_path": "p"}, {"params_path": "q"}]
+
+    def no_server(*args, **kwargs):
+        raise RuntimeError("connection refused")
+
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", no_server)
+    monkeypatch.setattr(subflow.time, "sleep", lambda s: None)
+    stage = prefect_flow(name="stage-x")(lambda params_path: params_path)
+    assert subflow._subflow_run(stage, {"params_path": "p"}, "0193d2c4-0000-7000-8000-000000000000") is None
+    assert capsys.readouterr().err == ("warning: not linked to the pipeline task run 0193d2c4-0000-7000-8000-"
+                                       "000000000000 (RuntimeError: connection refused); this stage's flow run is "
+                                       "tagged with the pipeline run only\n")
 
 
 def test_params_file_is_resolved_into_params_yaml(tmp_path):
@@ -242,9 +355,11 @@ def mini_dvc_project(tmp_path_factory) -> Path:
              "json.dump({'estimator': 'fake', 'steps': 3, 'em_last20pct': 0.25}, open('metrics/train_fake.json', "
              "'w')); print('stage python has tspo_core')")
     boom = "import tspo_core, sys; print('stage python has tspo_core'); print('boom: bad input'); sys.exit(4)"
+    bad = "import sys; print('error: params.yaml: x: unknown key', file=sys.stderr); sys.exit(2)"
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "ok": {"cmd": f"python -c {shlex.quote(stage)}", "outs": [{"metrics/train_fake.json": {"cache": False}}]},
         "boom": {"cmd": f"python -c {shlex.quote(boom)}"},
+        "bad": {"cmd": f"python -c {shlex.quote(bad)}"},
     }}))
     return root
 
@@ -269,6 +384,13 @@ def test_execute_real_dvc_failure_fails_with_the_stage_output(mini_dvc_project):
     assert msg.startswith("`dvc repro boom` failed with exit code ")
     assert "boom: bad input" in msg and "stage python has tspo_core" in msg
     assert "'boom'" in msg  # DVC's own error line names the stage
+    assert type(err.value) is PipelineError  # exit 4: not bad input, a stage task may retry it
+
+
+def test_execute_real_dvc_stage_exit_2_is_bad_input(mini_dvc_project):
+    with pytest.raises(StageInputError) as err:
+        execute(stage_command("bad"), mini_dvc_project, lambda line: None)
+    assert "error: params.yaml: x: unknown key" in str(err.value) and "exited with 2" in str(err.value)
 
 
 def test_read_metric_rows_tables_and_problems(tmp_path):
@@ -704,6 +826,60 @@ def logs_of(client, run_id) -> list[str]:
             return lines
 
 
+def task_runs_of(client, run_id) -> list:
+    """The task runs of a flow run in the order they were created (a NotReady task never starts)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+                                 sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+
+
+def subflow_runs_of(client, run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+
+
+def log_records_of(client, run_id) -> list:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    return client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+
+
+STAMP = re.compile(r"^\d{2}:\d{2}:\d{2}(?:\.\d+)? \|")  # Prefect's console stamp: must not reach the API's log
+
+
+def assert_linked_subflows(client, run, tasks: dict, expected: dict[str, str]) -> None:
+    """Each stage flow run (flow name -> the task run that started it) is a subflow run of that task run and is
+    tagged with the pipeline flow run."""
+    flow_names = {f.id: f.name for f in client.read_flows()}
+    subflows = {flow_names[f.flow_id]: f for f in subflow_runs_of(client, run.id)}
+    assert set(subflows) == set(expected), subflows
+    for flow_name, task_name in expected.items():
+        sub = subflows[flow_name]
+        assert sub.parent_task_run_id == tasks[task_name].id, (flow_name, task_name)
+        assert f"parent:{run.id}" in sub.tags and sub.state.is_completed(), (flow_name, sub.tags, sub.state)
+
+
+def failing_dvc_project(root: Path) -> Path:
+    """A DVC project (no git) whose stages run in DAG order first -> boom -> after, plus `indep` on its own; boom
+    fails as a stage CLI does on bad input (an `error:` line, exit 2)."""
+    root.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True,
+                   env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    write = "import sys; open(sys.argv[1], 'w').write('x')"
+    boom = "import sys; print('error: params.yaml: train.stepz: unknown key', file=sys.stderr); sys.exit(2)"
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "first": {"cmd": f"python -c {shlex.quote(write)} a.txt", "outs": ["a.txt"]},
+        "boom": {"cmd": f"python -c {shlex.quote(boom)}", "deps": ["a.txt"], "outs": ["b.txt"]},
+        "after": {"cmd": f"python -c {shlex.quote(write)} c.txt", "deps": ["b.txt"], "outs": ["c.txt"]},
+        "indep": {"cmd": f"python -c {shlex.quote(write)} d.txt", "outs": ["d.txt"]},
+    }}, sort_keys=False))
+    return root
+
+
 def table_rows(artifact) -> list[dict]:
     data = artifact.data
     return json.loads(data) if isinstance(data, str) else data
@@ -714,7 +890,10 @@ def table_rows(artifact) -> list[dict]:
 def test_deployment_runs_a_dvc_experiment_through_a_worker(tmp_path):
     """SQLite server. `dvc exp run -S train.steps=1 --name orchestration-test train@grpo` on the tiny config
     (data -> index -> sft -> train@grpo, about 1.5 min here): recorded as a DVC experiment, its training metrics
-    published as artifacts and read back through the API."""
+    published as artifacts and read back through the API; each stage's flow run is a subflow run of the `dvc exp
+    run` task. Then, on the same server: `dvc repro train@grpo` (every stage now up to date) is one task per stage
+    in DAG order, each `Skipped`; and a project whose second stage fails leaves a Failed task, not retried (bad
+    input), DVC's error at ERROR, and the later stages NotReady."""
     project = make_project_copy(tmp_path / "project")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -731,6 +910,20 @@ def test_deployment_runs_a_dvc_experiment_through_a_worker(tmp_path):
             artifacts = artifacts_of(client, run.id)
             logs = logs_of(client, run.id)
             flows = {f.name for f in client.read_flows()}
+            tasks = {t.name: t for t in task_runs_of(client, run.id)}
+            assert {n: t.state.name for n, t in tasks.items()} == {"dvc exp run": "Completed"}
+            assert_linked_subflows(client, run, tasks, {s: "dvc exp run" for s in ("data", "index", "sft", "train")})
+
+            again = run_deployment_and_wait(client, stack, {"options": {"targets": ["train@grpo"]}}, timeout_s=180)
+            assert again.state.is_completed(), f"{again.state.name}: {again.state.message}\n{stack.logs()}"
+            again_tasks = [(t.name, t.state.name) for t in task_runs_of(client, again.id)]
+            assert subflow_runs_of(client, again.id) == []  # nothing ran, so no stage flow either
+
+            failing = failing_dvc_project(tmp_path / "failing")
+            bad = run_deployment_and_wait(client, stack, {"options": {"project_dir": str(failing), "retries": 1}},
+                                          timeout_s=180)
+            bad_tasks = task_runs_of(client, bad.id)
+            bad_records = log_records_of(client, bad.id)
         port = stack.port
     assert not port_open(port), "the server still listens after it was stopped"
 
@@ -744,6 +937,24 @@ def test_deployment_runs_a_dvc_experiment_through_a_worker(tmp_path):
     # DVC's output was streamed into the flow run's logs; each stage's own flow reported to the same server
     assert any("Running stage 'train@grpo'" in line for line in logs), logs[-20:]
     assert {"pipeline", "data", "index", "sft", "train"} <= flows
+    # one timestamp per line: the stage flows' console lines reach the task's log without Prefect's console stamp
+    assert any(re.match(r"Flow run '[^']+' - Beginning subflow run", line) for line in logs), logs[:30]
+    assert not [line for line in logs if STAMP.match(line)]
+    # dvc repro: a task per stage, named after it, in DAG order, each up to date
+    assert again_tasks == [(s, "Skipped") for s in ("data", "index", "sft", "train@grpo")]
+    # a failed stage fails its task (once: exit 2 is bad input, not retried) and the flow; the rest are not run
+    assert bad.state.is_failed()
+    assert bad.state.message.startswith("Flow run encountered an exception: PipelineError: stage 'boom' failed "
+                                        "(not run: after, indep): `dvc repro --single-item boom` failed"), \
+        bad.state.message
+    assert [(t.name, t.state.name, t.run_count) for t in bad_tasks] == [
+        ("first", "Completed", 1), ("boom", "Failed", 1), ("after", "NotReady", 0), ("indep", "NotReady", 0)]
+    boom_id = bad_tasks[1].id
+    dvc_error = [r for r in bad_records if r.task_run_id == boom_id and r.message.startswith("ERROR: failed to "
+                                                                                           "reproduce 'boom'")]
+    assert [r.level for r in dvc_error] == [40], [(r.level, r.message) for r in bad_records]
+    assert [r.level for r in bad_records if r.message == "error: params.yaml: train.stepz: unknown key"] == [40]
+    assert not [r.message for r in bad_records if STAMP.match(r.message)]
     # the run is a DVC experiment of the project copy, applied to its workspace
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project,
                           capture_output=True, text=True, check=True).stdout
@@ -847,8 +1058,9 @@ def _count_flow_runs(db_url: str) -> int:
 def test_deployment_runs_on_a_postgres_backed_server(tmp_path, postgres_url):
     """The compose stack's wiring without docker: `prefect server` on PostgreSQL (PREFECT_API_DATABASE_CONNECTION_URL),
     the deployment run by a process worker (`dvc repro data` with the form's `params_file: configs/tiny.yaml` on a
-    workspace whose params.yaml is the default: resolved into params.yaml before DVC runs); bad parameters are refused by the
-    server, and a failing DVC run fails the flow run with DVC's own error."""
+    workspace whose params.yaml is the default: resolved into params.yaml before DVC runs; its task `data` is the
+    parent of the `data` flow run); bad parameters are refused by the server, and an unknown stage fails the flow
+    run before DVC runs, naming the stages there are."""
     from prefect.exceptions import PrefectHTTPStatusError
 
     project = make_project_copy(tmp_path / "project")
@@ -862,6 +1074,9 @@ def test_deployment_runs_on_a_postgres_backed_server(tmp_path, postgres_url):
             assert ok.state.is_completed(), f"{ok.state.name}: {ok.state.message}\n{stack.logs()}"
             ok_artifacts = artifacts_of(client, ok.id)
             ok_logs = logs_of(client, ok.id)
+            ok_tasks = {t.name: t for t in task_runs_of(client, ok.id)}
+            assert {n: t.state.name for n, t in ok_tasks.items()} == {"data": "Completed"}
+            assert_linked_subflows(client, ok, ok_tasks, {"data": "data"})
 
             deployment = client.read_deployment_by_name(DEPLOYMENT)
             with pytest.raises(PrefectHTTPStatusError, match="bogus"):  # the form's schema, enforced server-side
@@ -869,8 +1084,9 @@ def test_deployment_runs_on_a_postgres_backed_server(tmp_path, postgres_url):
 
             bad = run_deployment_and_wait(client, stack, {"options": {"targets": ["no-such-stage"]}}, timeout_s=180)
             assert bad.state.is_failed(), f"{bad.state.name}: {bad.state.message}"
-            assert "`dvc repro no-such-stage` failed with exit code" in bad.state.message, bad.state.message
-            assert "no-such-stage" in bad.state.message.split("lines of its output:", 1)[1]
+            assert ("PipelineError: target 'no-such-stage': no stage or foreach group of that name in dvc.yaml; "
+                    "stages: data, index, sft, train@grpo, ") in bad.state.message, bad.state.message
+            assert task_runs_of(client, bad.id) == []  # refused before any stage ran
         assert _count_flow_runs(postgres_url) >= 3  # pipeline x2, data: the server's state lives in PostgreSQL
         port = stack.port
     assert not port_open(port), "the server still listens after it was stopped"
