@@ -31,6 +31,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -88,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: non-finite loss at steps {bad}", file=sys.stderr)
         return 1
     rows = [{k: h.get(k) for k in COLUMNS} for h in history]
-    steady = sorted(h["step_s"] for h in history[1:]) or [history[0]["step_s"]]
+    steady = [h["step_s"] for h in history[1:]] or [history[0]["step_s"]]
     result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
               "params": args.params, "checkpoint": str(checkpoint), "estimator": args.estimator,
               "steps": args.steps, "prompts_per_step": args.prompts, "group_size": args.group_size,
               "lora_r": args.lora_r, "lr": args.lr, "max_turns": args.max_turns,
               "max_new_tokens_per_turn": args.max_new_tokens, "max_obs_tokens": args.max_obs_tokens, "history": rows, "total_s": round(total, 1),
-              "median_step_s_after_first": steady[len(steady) // 2], "machine": platform.machine(),
+              "median_step_s_after_first": statistics.median(steady), "machine": platform.machine(),
               "cpus": os.cpu_count(), "environment": environment()}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
