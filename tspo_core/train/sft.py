@@ -325,7 +325,10 @@ def run_sft(params, progress: Callable[[dict], None] | None = None) -> dict:
     policy, tokenizer = init_policy(train_model, params.paths, seed=cfg.seed)
     prepare_for_training(policy, params.model)
     retriever = open_retriever(params.retrieval, params.paths)
-    engine = make_engine(policy, tokenizer, retriever, params.rollout, params.retrieval, params.model)
+    # the engine scripts the oracle's trajectories, then validates the policy being trained in this process:
+    # always the HF backend (`rollout.backend` is the RL and evaluation stages' choice)
+    engine = make_engine(policy, tokenizer, retriever, params.rollout.model_copy(update={"backend": "hf"}),
+                         params.retrieval, params.model)
     t0 = time.monotonic()
     if cfg.trajectories:
         segments, kinds, verbose, dropped = load_trajectories(cfg.trajectories, engine), [], [], 0
