@@ -18,8 +18,7 @@ Results go to `--out-dir`: `results.json` (every pass, the settings, the machine
     make smollm2   # once
     python -m flows.data --params configs/smollm2_real_qa.yaml && \
         python -m flows.index --params configs/smollm2_real_qa.yaml    # the BM25 index
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 \
-        python benchmarks/rollout_backends.py --params configs/smollm2_real_qa.yaml --n 32 --group-size 5
+    python benchmarks/rollout_backends.py --params configs/smollm2_real_qa.yaml --n 32 --group-size 5
 """
 
 from __future__ import annotations
