@@ -263,14 +263,7 @@ class _PromptEngine:
 
     def prompt_ids(self, question: str) -> list[int]:
         text = self.texts.get(question)
-        if text is None:
-            return super().prompt_ids(question)
-        if self.s.use_chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return self._encode(text)
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self._encode(text)
+        return super().prompt_ids(question) if text is None else self.user_turn_ids(text)
 
 
 def make_engine(backend, tok, work: dict, max_new_tokens: int):

@@ -155,7 +155,10 @@ class RolloutEngine:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prompt_ids(self, question: str) -> list[int]:
-        text = build_prompt(question, self.s.prompt_template)
+        return self.user_turn_ids(build_prompt(question, self.s.prompt_template))
+
+    def user_turn_ids(self, text: str) -> list[int]:
+        """`text` as the prompt: the user turn of the chat template (instruct models), else BOS + text."""
         if self.s.use_chat_template:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)
