@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tspo_core.procs import stop_process  # the package is installed (pip install -e .)
+from tspo_core.omp import choose_wait_policy  # the package is installed (pip install -e .)
+from tspo_core.procs import stop_process
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+OMP_POLICY = choose_wait_policy("PASSIVE")  # `OMP_WAIT_POLICY=default`: OpenMP's own (tspo_core.omp)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real_qa"
@@ -101,7 +102,7 @@ class RetrievalServer:
             cmd += ["--host", self.host]
         if self.params is not None:
             cmd += ["--params", str(self.params)]
-        env = {**os.environ, **(self.env or {})}
+        env = {**os.environ, "OMP_WAIT_POLICY": OMP_POLICY, **(self.env or {})}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -286,7 +287,8 @@ def markdown(result: LoadResult, card: dict[str, Any], stats: dict[str, Any], co
         f"| load | {s['queries']} single-query requests, top-{s['top_k']}, {s['clients']} concurrent keep-alive "
         "clients (asyncio + httpx, same machine) |",
         f"| machine | {conditions['cpus']} CPU cores, load average {conditions['load_before']} before / "
-        f"{conditions['load_after']} after; Python {platform.python_version()}; run under `nice -n 19` |",
+        f"{conditions['load_after']} after; Python {platform.python_version()}; niceness {os.nice(0)}; "
+        f"OMP_WAIT_POLICY={OMP_POLICY} (client and server) |",
         "",
         "| errors | p50 ms | p90 ms | p99 ms | max ms | mean ms | queries/s | wall s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -352,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    cmd = "nice -n 19 .venv/bin/python benchmarks/load_retrieval.py " + " ".join(argv if argv is not None
-                                                                                 else sys.argv[1:])
+    niceness = os.nice(0)  # what this run had, not what the docstring suggests
+    cmd = (f"nice -n {niceness} " if niceness else "") + ".venv/bin/python benchmarks/load_retrieval.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     text = markdown(result, card, stats, {"command": cmd.strip(), "corpus": corpus_name, "cpus": os.cpu_count(),
                                           "load_before": load_before, "load_after": load_after})
     print(text)

@@ -33,11 +33,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# sleeping (not spinning) idle OpenMP threads: on a shared CPU the default policy is ~30x slower per query
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from tspo_core.omp import choose_wait_policy  # noqa: E402
+
+# sleeping (not spinning) idle OpenMP threads unless OMP_WAIT_POLICY says otherwise (`default`: OpenMP's own
+# policy); the server gets the same choice. README "Thread policy" compares the two.
+OMP_POLICY = choose_wait_policy("PASSIVE")
 
 import numpy as np  # noqa: E402
 
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "tspo_core.retrieval.server", "--index", str(index_dir),
                                "--port", str(port), "--device", "cpu", "--log-level", "warning"], cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": OMP_POLICY})
     try:
         http = HttpRetriever(url, timeout=120, retries=60, backoff=0.25, max_backoff=1.0)
         http.health()
@@ -235,8 +239,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     load = os.getloadavg()
     header = (f"Retrieval benchmark: real sample ({n} passages), packaged all-MiniLM-L6-v2 fp32, max length "
               f"{args.max_length}, top-{args.top_k}, flat IP index, CPU ({os.cpu_count()} cores, "
-              f"{platform.processor() or platform.machine()}), torch threads default; {len(queries)} queries per "
-              f"throughput figure, best of {args.repeats}; load average at the end {load[0]:.1f} (shared machine)."
+              f"{platform.processor() or platform.machine()}), torch threads default, OMP_WAIT_POLICY={OMP_POLICY}; "
+              f"{len(queries)} queries per throughput figure, best of {args.repeats}; load average at the end "
+              f"{load[0]:.1f}."
               f"\n\n")
     table = "| Measurement | Value | Note |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
     text = header + table + "\n" + "".join(f"- {x}\n" for x in notes)

@@ -50,6 +50,7 @@ from starlette.requests import ClientDisconnect
 
 from tspo_core.config import RetrievalConfig
 from tspo_core.errors import TSPOError, cut
+from tspo_core.omp import choose_wait_policy
 from tspo_core.retrieval.base import Hit, RetrievalError, Retriever
 from tspo_core.retrieval.retriever import passages_to_json
 
@@ -562,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     else (the traceback with `--log-level debug`), 0 after a clean shutdown."""
     # Idle OpenMP threads sleep instead of spinning. On a CPU shared with other busy processes, spinning torch
     # threads wait on descheduled siblings: measured on the 2-core test machine under load, one query took
-    # ~300 ms with the default policy and ~10 ms with PASSIVE. Only effective before torch is first imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # ~300 ms with the default policy and ~10 ms with PASSIVE. Only effective before torch is first imported;
+    # `OMP_WAIT_POLICY=default` asks for OpenMP's own policy (tspo_core.omp).
+    choose_wait_policy("PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
