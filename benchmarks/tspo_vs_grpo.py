@@ -110,7 +110,9 @@ def unit_params(base, arm: str, seed: int, method: str, scratch: Path, eval_ever
     raw["sft"]["max_minutes"] = 1e6  # the step count decides: a time cap binds under load and changes the model
     if arm == "control":
         raw["sft"]["verbose_share"] = 0.0
-    raw["train"].update(seed=seed, eval_every=eval_every)
+    # the committed units ran before `train.prefix_sharing` existed, i.e. the plain forward; sharing gives the same
+    # update within float rounding, which still changes a run's trajectory: resumed units must match finished ones
+    raw["train"].update(seed=seed, eval_every=eval_every, prefix_sharing=False)
     raw["eval"]["subset_size"] = None
     if method != "sft":
         raw["advantage"]["estimator"] = method
@@ -130,6 +132,8 @@ def settings_key(params, kind: str) -> str:
     for k in ("vllm_kv_cache_gb", "vllm_enforce_eager", "vllm_sleep", "recompute_logprobs"):
         if rollout["backend"] == "hf" and rollout.get(k) == defaults[k]:
             rollout.pop(k)
+    if raw["train"].get("prefix_sharing") is False:  # what the units ran before the key existed
+        raw["train"].pop("prefix_sharing")
     if kind == "sft":
         raw = {**{k: raw[k] for k in SFT_SECTIONS}, "dev_questions": raw["train"]["eval_questions"]}
     return hashlib.sha256(json.dumps({"kind": kind, **raw}, sort_keys=True).encode()).hexdigest()[:16]

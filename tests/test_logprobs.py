@@ -8,7 +8,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tspo_core.config import ModelConfig, TinyModelConfig
 from tspo_core.policy import build_tiny_model, build_tokenizer
-from tspo_core.train.logprobs import next_token_stats, token_logprobs
+import tspo_core.train.logprobs as logprobs_module
+from tspo_core.train.logprobs import next_token_stats, shared_prefixes, token_logprobs
 from tspo_core.train.lora import apply_lora
 
 
@@ -126,3 +127,115 @@ def test_a_lora_model_and_its_disabled_adapters_equal_the_full_vocabulary_path()
     torch.testing.assert_close(adapted[m], want[m], atol=1e-5, rtol=0)
     torch.testing.assert_close(base[m], base_want[m], atol=1e-5, rtol=0)
     assert (adapted[m] - base[m]).abs().max() > 1e-3  # the adapters change the log-probs: both paths were taken
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a group's shared prompt runs once (`groups`)
+# ---------------------------------------------------------------------------------------------------------------
+def grouped_batch(vocab, seed=0):
+    """Rows of three groups, right-padded: group 7, a 9-token prompt and 3 continuations (one diverging at token
+    11, so the group shares 9); group 3, a 5-token prompt and 2 continuations; group 5, one row alone. Read: every
+    continuation token."""
+    g = torch.Generator().manual_seed(seed)
+    rows, groups, starts = [], [], []
+    for label, prompt_len, suffix_lens in [(7, 9, [4, 7, 2]), (3, 5, [6, 3]), (5, 6, [5])]:
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g)
+        for n in suffix_lens:
+            rows.append(torch.cat([prompt, torch.randint(0, vocab, (n,), generator=g)]))
+            groups.append(label)
+            starts.append(prompt_len)
+    T = max(len(r) for r in rows)
+    ids, attn, mask = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        ids[i, :len(r)], attn[i, :len(r)], mask[i, s:len(r)] = r, 1, 1
+    return ids, attn, mask, torch.tensor(groups)
+
+
+def test_shared_prefixes_by_hand():
+    ids = torch.tensor([[1, 2, 3, 4, 0], [1, 2, 3, 5, 6], [1, 2, 9, 9, 0], [4, 4, 4, 0, 0], [4, 4, 4, 4, 0]])
+    attn = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    read = torch.zeros_like(ids, dtype=torch.bool)
+    read[0, 3:4] = read[1, 3:5] = read[2, 2:4] = True  # group 0: first read token at column 2 (row 2)
+    read[3, 2] = read[4, 3] = True  # group 1: first read at column 2
+    row_group, prefix = shared_prefixes(ids, attn, read, torch.tensor([4, 4, 4, 9, 9]))
+    assert row_group.tolist() == [0, 0, 0, 1, 1]
+    # group 0: rows agree on 2 columns, the earliest read is column 2 -> its context ends at 1: prefix 1;
+    # group 1: they agree on 3 columns (padding is not content: the shorter row has 3), earliest read 2 -> 1
+    assert prefix.tolist() == [1, 1]
+    read[2, 2] = False
+    read[3, 2] = False
+    assert shared_prefixes(ids, attn, read, torch.tensor([4, 4, 4, 9, 9]))[1].tolist() == [2, 2]
+    # alone, a row shares with itself up to its first read token; row 3 reads nothing: all but its last token
+    assert shared_prefixes(ids, attn, read, torch.tensor([1, 2, 3, 4, 5]))[1].tolist() == [2, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_shared_prompt_gives_the_same_logprobs_entropy_and_gradients(name, monkeypatch):
+    """The prompt of each group once, its keys and values shared by the group's rows: the same log-probs,
+    entropy and parameter gradients as every row's full forward (float rounding), and the shared path ran."""
+    model = MODELS[name]().train()
+    ids, attn, mask, groups = grouped_batch(model.config.vocab_size)
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
+
+    def run(**kw):
+        model.zero_grad(set_to_none=True)
+        logp, ent = token_logprobs(model, ids, attn, 0.8, with_entropy=True, mask=mask, **kw)
+        ((w * logp).sum() + (w * ent).sum()).backward()
+        return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ran = []
+    real = logprobs_module._prefix_forward
+    monkeypatch.setattr(logprobs_module, "_prefix_forward", lambda *a: ran.append(real(*a)) or ran[-1])
+    logp, ent, grads = run(groups=groups)
+    assert ran and ran[0] is not None and ran[0]["past_key_values"] is not None
+    want_logp, want_ent, want_grads = run()
+    m = mask.bool()
+    torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, want_ent, atol=1e-4, rtol=0)
+    assert not logp[~m].any()
+    for n in want_grads:
+        torch.testing.assert_close(grads[n], want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    ref_logp = full_vocab_logprobs(model, ids, attn, 0.8)[0].detach()
+    torch.testing.assert_close(logp[m], ref_logp[m], atol=1e-5, rtol=0)
+
+
+def test_a_shared_prompt_with_lora_adapters_on_and_off():
+    model = apply_lora(tiny_model(), ModelConfig(lora_r=4, lora_alpha=8))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    ids, attn, mask, groups = grouped_batch(model.config.vocab_size)
+    m = mask.bool()
+    with torch.no_grad():
+        adapted, want = (token_logprobs(model, ids, attn, mask=mask, groups=g)[0] for g in (groups, None))
+        with model.disable_adapter():
+            base, base_want = (token_logprobs(model, ids, attn, mask=mask, groups=g)[0] for g in (groups, None))
+    torch.testing.assert_close(adapted[m], want[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(base[m], base_want[m], atol=1e-5, rtol=0)
+    assert (adapted[m] - base[m]).abs().max() > 1e-3
+
+
+def test_no_sharing_where_it_saves_nothing_or_cannot_apply(monkeypatch):
+    """Groups of one row, a token read right after the first (no prefix to share) and gradient checkpointing
+    take the plain forward, with the same result."""
+    model = tiny_model().eval()
+    ids, attn, mask, groups = grouped_batch(model.config.vocab_size)
+    calls = []
+    real_model_forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **kw: calls.append(kw) or
+                        real_model_forward(self, *a, **kw))
+    cases = {"one row per group": (mask, torch.arange(len(ids))), "read at column 1": (mask.clone(), groups)}
+    cases["read at column 1"][0][0, 1] = 1
+    for what, (mk, gr) in cases.items():
+        calls.clear()
+        with torch.no_grad():
+            got = token_logprobs(model, ids, attn, mask=mk, groups=gr)[0]
+            want = token_logprobs(model, ids, attn, mask=mk)[0]
+        assert len(calls) == 2 and all("past_key_values" not in c for c in calls), what  # one plain forward each
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    model.gradient_checkpointing_enable()
+    model.train()
+    calls.clear()
+    token_logprobs(model, ids, attn, mask=mask, groups=groups)
+    assert len(calls) == 1

@@ -86,6 +86,29 @@ def test_micro_batch_size_does_not_change_the_update():
     assert all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
 
 
+def test_sharing_the_prompt_forward_does_not_change_the_update(monkeypatch):
+    """`train.prefix_sharing` (each group's prompt once per micro-batch) against the plain forward: the same
+    reference log-probs, loss metrics and parameters after the update, and the shared path ran."""
+    import tspo_core.train.logprobs as logprobs_module
+
+    shared, plain = make_trainer(lr=RANKS_LR), make_trainer(lr=RANKS_LR, prefix_sharing=False)  # see RANKS_LR
+    ran = []
+    real = logprobs_module._prefix_forward
+    monkeypatch.setattr(logprobs_module, "_prefix_forward", lambda *a: ran.append(real(*a)) or ran[-1])
+    exp = _positive(shared.collect(0))
+    ref_shared = shared.reference_logprobs(exp)
+    assert ran and all(r is not None for r in ran)
+    m_shared = shared.update(exp)
+    ran.clear()
+    ref_plain, m_plain = plain.reference_logprobs(exp), plain.update(exp)
+    assert not ran  # off: never tried
+    torch.testing.assert_close(ref_shared, ref_plain, atol=1e-5, rtol=0)
+    for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm"):
+        assert m_shared[k] == pytest.approx(m_plain[k], abs=1e-5), k
+    pa, pb = params_of(shared), params_of(plain)
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
+
+
 def test_nonfinite_loss_is_skipped_and_parameters_stay_finite():
     tr = make_trainer()
     exp = tr.collect(0)
@@ -369,3 +392,14 @@ def test_the_step_is_one_short_module_and_gradients_are_reduced_by_the_engine():
     callers = {p.relative_to(root).as_posix() for p in root.rglob("*.py") if "all_reduce(" in p.read_text()}
     assert callers == {"train/distributed.py"}  # Dist.all_sum alone
     assert "grad" not in (root / "train" / "distributed.py").read_text().split("def all_sum")[1].split("def ")[0]
+
+
+def test_micro_batches_keep_groups_together_by_hand():
+    from tspo_core.train.rl_step import micro_batches
+
+    lengths = torch.tensor([5, 9, 3, 4, 8, 2])
+    groups = torch.tensor([1, 1, 2, 2, 3, 3])  # longest rollout per group: 9, 4, 8
+    assert [m.tolist() for m in micro_batches(range(6), lengths, 4)] == [[5, 2, 3, 0], [4, 1]]  # by length
+    # whole groups by their longest rollout (2: 4, 3: 8, 1: 9), by length within a group
+    assert [m.tolist() for m in micro_batches(range(6), lengths, 4, groups)] == [[2, 3, 5, 4], [0, 1]]
+    assert [m.tolist() for m in micro_batches([0, 1, 4], lengths, 2, groups)] == [[4, 0], [1]]

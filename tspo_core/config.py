@@ -449,6 +449,10 @@ class TrainConfig(_Section):
     ppo_epochs: int = Field(1, gt=0, description="Passes over each step's rollouts.")
     micro_batch_size: int = Field(32, gt=0, description="Rollouts per forward/backward (memory); results do not "
                                   "depend on it (one global loss denominator).")
+    prefix_sharing: bool = Field(True, description="Run the prompt a group's rollouts share through the model once "
+                                 "per micro-batch in the update, the reference and recomputed log-probs (the same "
+                                 "result within float rounding; less compute the longer the prompt; off under "
+                                 "gradient checkpointing, and for the update of an FSDP2-sharded model).")
     checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints.")
     eval_every: int = Field(0, ge=0, description="Greedy dev EM every N steps (and at the last step), logged as "
                             "`dev_em` (unweighted mean over families) and `dev_em_<family>`; 0: off.")

@@ -13,7 +13,8 @@ Algorithm, per step (TSPO.md, REFERENCE.md "Reference training settings"):
    with its adapters disabled) + the entropy bonus, assembled once by `policy_loss`; token-mean by default,
    micro-batched with one global denominator (summed over ranks), so the update depends neither on the
    micro-batch size nor on the number of ranks. Log-probs (policy and reference) and the entropy are computed on
-   policy tokens only, the LM head on those rows alone (`tspo_core.train.logprobs`).
+   policy tokens only, the LM head on those rows alone, and a group's shared prompt runs through the model once
+   (`train.prefix_sharing`; `tspo_core.train.logprobs`).
 6. A non-finite loss or gradient skips the optimizer step (`skipped_nonfinite`); parameters stay finite.
 
 Plumbing (distribution, checkpoints, resume, dev evaluation, export, the stage driver) is the harness,
@@ -146,10 +147,12 @@ def policy_token_logprobs(model, batch: RolloutBatch, cfg: RLSettings) -> torch.
     model.eval()
     out = torch.zeros_like(batch.logprobs)  # (B, T)
     with torch.no_grad():
-        for rows in micro_batches(range(len(batch.rollouts)), lengths, cfg.train.micro_batch_size):
+        groups = batch.group_ids if cfg.train.prefix_sharing else None  # sharing a group's prompt
+        for rows in micro_batches(range(len(batch.rollouts)), lengths, cfg.train.micro_batch_size, groups):
             lp = token_logprobs(model, take(t.input_ids, rows, lengths, device),
                                take(t.attention_mask, rows, lengths, device), cfg.rollout.temperature,
-                               mask=take(t.policy_mask, rows, lengths, device))[0]  # 0 off policy tokens
+                               mask=take(t.policy_mask, rows, lengths, device),
+                               groups=None if groups is None else groups[rows])[0]  # 0 off policy tokens
             out[rows, :lp.shape[1]] = lp.cpu()
     model.train(was_training)
     return out
@@ -184,6 +187,7 @@ def update(policy, opt: torch.optim.Optimizer, sched, exp: Experience, reference
     lengths = t.attention_mask.sum(1)  # (B,)
     ref_logp = reference.logprobs(exp.batch) if reference is not None and o.kl_coef > 0 else None  # (B, T)
     keys = [k for k in LOGGED if k != "kl" or ref_logp is not None]
+    groups = exp.batch.group_ids if cfg.train.prefix_sharing else None  # sharing a group's prompt
     sums: dict[str, float] = {}
     skipped = 0
     policy.train()
@@ -194,12 +198,12 @@ def update(policy, opt: torch.optim.Optimizer, sched, exp: Experience, reference
             denom = float(all_sum(local.clone()).clamp(min=1))
             opt.zero_grad(set_to_none=True)
             acc = torch.zeros(len(keys) + 2, dtype=torch.float64)  # keys, clip_frac * tokens, tokens
-            for rows in micro_batches(range(lo, hi), lengths, tcfg.micro_batch_size):
+            for rows in micro_batches(range(lo, hi), lengths, tcfg.micro_batch_size, groups):
                 policy_mask = take(t.policy_mask, rows, lengths, device)  # (b, T')
                 logp, ent = token_logprobs(policy, take(t.input_ids, rows, lengths, device),
                                            take(t.attention_mask, rows, lengths, device), cfg.rollout.temperature,
-                                           with_entropy=True, mask=policy_mask,
-                                           entropy_grad=bool(o.entropy_coef))  # (b, T') each, 0 off the mask
+                                           with_entropy=True, mask=policy_mask, entropy_grad=bool(o.entropy_coef),
+                                           groups=None if groups is None else groups[rows])  # (b, T') each
                 loss, m = policy_loss(
                     logp, take(exp.batch.logprobs, rows, lengths, device), take(exp.advantages, rows, lengths,
                                                                                  device), policy_mask,
@@ -227,9 +231,14 @@ def update(policy, opt: torch.optim.Optimizer, sched, exp: Experience, reference
     return {**sums, "skipped_nonfinite": float(skipped), "lr": sched.get_last_lr()[0]}
 
 
-def micro_batches(rows: Sequence[int], lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Micro-batches of `rows`, sorted by length so each is padded only to its own longest rollout."""
+def micro_batches(rows: Sequence[int], lengths: torch.Tensor, size: int,
+                  groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Micro-batches of `rows`, sorted by length so each is padded only to its own longest rollout; with `groups`
+    (B,) whole groups, sorted by their longest rollout (a group's rows share their prompt's forward)."""
     order = sorted(rows, key=lambda r: int(lengths[r]))
+    if groups is not None:
+        longest = {int(groups[r]): int(lengths[r]) for r in order}  # ascending: the last one written is the longest
+        order = sorted(order, key=lambda r: (longest[int(groups[r])], int(groups[r])))  # stable: by length within
     return [torch.tensor(order[i:i + size]) for i in range(0, len(order), size)]
 
 
