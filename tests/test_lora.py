@@ -15,7 +15,7 @@ from tspo_core.config import ModelConfig, load_params
 from tspo_core.errors import ConfigError
 from tspo_core.io import write_jsonl
 from tspo_core.policy import load_policy
-from tspo_core.train.checkpoint import CheckpointError, read_tensors
+from tspo_core.train.checkpoint import CheckpointError, load_history, read_tensors
 from tspo_core.train.lora import apply_lora
 from tspo_core.train import rl_step
 from tspo_core.train.rl import RLTrainer, run_rl, token_logprobs
@@ -104,9 +104,9 @@ def test_the_stage_writes_a_plain_merged_checkpoint_with_the_adapted_logits(tmp_
     assert saved["model"] and all("lora_" in k for k in saved["model"])
     assert not list(ckpt.glob("*.safetensors"))
     # the layout the full-parameter path writes: the HF model, the tokenizer, the history; no adapter files
-    full_layout = {f.name for f in (tmp_path / "sft").iterdir()} | {"history.json"}
+    full_layout = {f.name for f in (tmp_path / "sft").iterdir()} | {"history.json", "run_record.json"}  # the history, its timings
     assert {f.name for f in out.iterdir()} == full_layout
-    assert json.loads((out / "history.json").read_text()) == history
+    assert load_history(out) == history  # history.json without the timings, merged back from the run record
     merged, _ = load_policy(out, ModelConfig(), "cpu")
     assert type(merged).__name__ == "Qwen2ForCausalLM"
     assert not any("lora" in n or "base_layer" in n for n in merged.state_dict())

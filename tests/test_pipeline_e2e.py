@@ -44,6 +44,11 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     assert all(math.isfinite(h["loss"]) for h in sft["history"])
     assert sft["history"][-1]["loss"] < sft["history"][0]["loss"]
     assert (tmp_path / "sft" / "config.json").is_file() and (tmp_path / "sft" / "sft_summary.json").is_file()
+    # the clock and the machine go to the run record (out of DVC's hash), what the run produced stays
+    stored = json.loads((tmp_path / "sft" / "sft_summary.json").read_text(encoding="utf-8"))
+    record = json.loads((tmp_path / "sft" / "run_record.json").read_text(encoding="utf-8"))
+    assert "train_seconds" not in stored and "meta" not in stored and stored["final_loss"] == sft["summary"]["final_loss"]
+    assert record["train_seconds"] == sft["summary"]["train_seconds"] and "environment" in record["meta"]
     # the verbose habit is counted apart from the imperfect kinds (a verbose oracle trajectory is not imperfect)
     summary = sft["summary"]
     assert 0 < summary["imperfect"] < summary["verbose"] < summary["trajectories"] and summary["premature"] == 0

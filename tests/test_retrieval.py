@@ -28,7 +28,7 @@ from tspo_core.config import IndexConfig
 from tspo_core.data.schema import Passage, QAExample
 from tspo_core.errors import DataError
 from tspo_core.retrieval import (MemoryBudgetError, RetrievalError, Retriever, build_index, estimate_memory,
-                                 evaluate_retriever, load_retriever)
+                                 evaluate_retriever, load_retriever, read_card)
 from tspo_core.retrieval.corpus import PassageStore, scan_corpus
 from tspo_core.retrieval.encoder import Encoder, resolve_encoder
 from tspo_core.retrieval.index import check_memory
@@ -237,9 +237,10 @@ def test_real_dense_card(real_dense, real_qa_dir: Path):
     assert card["memory_estimate"]["index_bytes"] == 6742 * 384 * 4
     assert card["passages"]["mode"] == "reference"
     assert (root / "index" / card["passages"]["relpath"]).resolve() == (real_qa_dir / "corpus.jsonl").resolve()
-    on_disk = sum(f.stat().st_size for f in (root / "index").iterdir() if f.name != "index_card.json")
+    on_disk = sum(f.stat().st_size for f in (root / "index").iterdir()
+                  if f.name not in ("index_card.json", "run_record.json"))
     assert card["size_on_disk_bytes"] == on_disk
-    assert json.loads((root / "index" / "index_card.json").read_text()) == card
+    assert read_card(root / "index") == card  # the card file and the run record, merged
     assert not list((root / "index").parent.glob(".index.*.tmp"))  # nothing half-written left behind
 
 
@@ -492,3 +493,56 @@ def test_environment_records_what_floating_point_depends_on():
     env = environment()
     assert env["cpu_capability"] and env["torch_threads"] >= 1 and env["versions"]["torch"].startswith("2.13")
     json.dumps(env)  # serializable into every metrics file's meta
+
+
+def test_the_same_index_built_twice_has_the_same_card_bytes(real_passages, minilm: Encoder, tmp_path: Path):
+    """What differs between two builds of the same index (date, timings, shard reuse, absolute paths) lives in
+    `run_record.json`, which DVC does not hash (.dvcignore): the card's bytes, and so the index's hash in dvc.lock
+    and the evaluation fingerprint, stay the same. `read_card` merges the record back; without it (an index
+    restored from a DVC cache) the index still opens through its relative corpus path."""
+    corpus = tmp_path / "data" / "corpus.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("".join(json.dumps(p.to_json()) + "\n" for p in _tiny(real_passages)), encoding="utf-8")
+    cfg = IndexConfig(kind="dense", max_length=TEST_MAX_LENGTH, shard_size=16)
+    cards = {}
+    for run in ("a", "b"):  # sibling directories: the same relative path to the corpus
+        built = build_index(corpus, cfg, tmp_path / run / "index", encoder=minilm, show_progress=False,
+                            probe=[QAExample("q", "Evan Morris", ["Morris"])], work_dir=tmp_path / f"w{run}")
+        cards[run] = (tmp_path / run / "index" / "index_card.json").read_bytes()
+        record = json.loads((tmp_path / run / "index" / "run_record.json").read_text())
+        assert record["build_time_s"] > 0 and record["passages"]["absolute"] == str(corpus.resolve())
+        assert "created_at" in record and "seconds" in record["probe"] and "path" in record["encoder"]
+        assert read_card(tmp_path / run / "index") == built
+    assert cards["a"] == cards["b"]
+    stable = json.loads(cards["a"])
+    assert "build_time_s" not in stable and "absolute" not in stable["passages"] and stable["probe"]["answer_recall@1"] >= 0
+    (tmp_path / "b" / "index" / "run_record.json").unlink()
+    with load_retriever(tmp_path / "b" / "index") as r:
+        assert r.search(["Evan Morris lobbyist"], 1)[0][0].id == real_passages[0].id
+
+
+def test_dvc_leaves_run_records_out_of_every_hash():
+    repo = Path(__file__).resolve().parents[1]
+    ignore = (repo / ".dvcignore").read_text(encoding="utf-8").splitlines()
+    assert "run_record.json" in ignore  # any depth, as in .gitignore
+
+
+def test_history_timings_go_to_the_run_record(tmp_path: Path):
+    from tspo_core.train.checkpoint import load_history, save_history
+
+    history = [{"step": 1, "loss": 0.5, "step_s": 2.25, "rollout_s": 1.0}, {"step": 2, "loss": 0.25, "step_s": 2.5}]
+    save_history(tmp_path, history)
+    assert json.loads((tmp_path / "history.json").read_text()) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+    assert load_history(tmp_path) == history
+    (tmp_path / "run_record.json").unlink()  # e.g. restored from a DVC cache: the content, without the clock
+    assert load_history(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+
+
+def test_split_and_merge_a_record_by_hand():
+    from tspo_core.runinfo import merge_record, split_record
+
+    data = {"n": 3, "encoding": {"shards": 2, "encode_seconds": 1.5}, "probe": None, "passages": {"relpath": "r"}}
+    stable, record = split_record(data, ("encoding.encode_seconds", "probe.seconds", "passages.absolute", "when"))
+    assert stable == {"n": 3, "encoding": {"shards": 2}, "probe": None, "passages": {"relpath": "r"}}
+    assert record == {"encoding": {"encode_seconds": 1.5}}
+    assert merge_record(stable, record) == data and data["encoding"]["encode_seconds"] == 1.5  # input untouched

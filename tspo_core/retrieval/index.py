@@ -37,8 +37,9 @@ from tspo_core.io import atomic_dir, atomic_open, write_json
 from tspo_core.metrics import contains_answer
 from tspo_core.retrieval.base import MemoryBudgetError, Retriever
 from tspo_core.retrieval.corpus import CorpusScan, PassageStore, scan_corpus, write_passages
-from tspo_core.retrieval.retriever import (CARD_NAME, CARD_VERSION, BM25Retriever, DenseRetriever, bm25_tokenizer,
-                                           maybe_shard_to_gpus)
+from tspo_core.retrieval.retriever import (CARD_NAME, CARD_VERSION, CARD_VOLATILE, BM25Retriever, DenseRetriever,
+                                           bm25_tokenizer, maybe_shard_to_gpus)
+from tspo_core.runinfo import RUN_RECORD, split_record
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ def build_index(corpus: Sequence[Passage] | str | Path, cfg: IndexConfig, out_di
                 pinfo = {"mode": "copy", "file": "passages.jsonl", "source": str(src.resolve())}
             else:
                 scan = scan_corpus(src, cfg.shard_size)
-                pinfo = {"mode": "reference", "file": str(src.resolve()),
+                pinfo = {"mode": "reference", "absolute": str(src.resolve()),
                          "relpath": os.path.relpath(src.resolve(), out_dir.resolve())}
         else:
             scan = write_passages(corpus, tmp / "passages.jsonl", cfg.shard_size)
@@ -371,7 +372,9 @@ def build_index(corpus: Sequence[Passage] | str | Path, cfg: IndexConfig, out_di
         card.update(passages=pinfo, memory_estimate=mem, config=cfg.model_dump(mode="json"), versions=_versions(),
                     size_on_disk_bytes=_dir_size(tmp, exclude=(CARD_NAME,)),
                     referenced_corpus_bytes=scan.size_bytes if pinfo["mode"] == "reference" else 0)
-        write_json(tmp / CARD_NAME, card)
+        stable, record = split_record(card, CARD_VOLATILE)
+        write_json(tmp / CARD_NAME, stable)  # the same bytes for the same build: DVC's hash of the index
+        write_json(tmp / RUN_RECORD, record)  # this build's clock and absolute paths; read_card merges it back
     if not keep_shards and work.exists():
         shutil.rmtree(work, ignore_errors=True)
     log.info("built %s index of %d passages in %.1fs -> %s", card["index_type"], n, card["build_time_s"], out_dir)

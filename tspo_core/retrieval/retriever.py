@@ -1,7 +1,10 @@
 """In-process retrievers over a built index directory, and `load_retriever` to open one.
 
 Index directory layout (written by `tspo_core.retrieval.index.build_index`):
-- `index_card.json`: what was built (encoder, dimension, index type, passages, build time, size, probe recall).
+- `index_card.json`: what was built (encoder, dimension, index type, passages, size, probe recall): the same
+  bytes whenever the same index is built;
+- `run_record.json`: what this build did differently from another build of the same index (date, timings, shard
+  reuse, absolute paths); DVC does not hash it, `read_card` merges it back into the card.
 - `offsets.npy`: byte offset of each passage line (n + 1 entries) in the passage file.
 - `passages.jsonl` (copied corpus) or, per the card, a reference to the corpus file (path + size + sha256).
 - dense: `index.faiss`; bm25: `bm25/` (bm25s arrays + tokenizer vocabulary).
@@ -23,11 +26,17 @@ from tspo_core.data.schema import Passage
 from tspo_core.errors import DataError
 from tspo_core.retrieval.base import BaseRetriever, Hit, RetrievalError, check_search_args
 from tspo_core.retrieval.corpus import PassageStore
+from tspo_core.runinfo import merge_record, read_run_record
 
 log = logging.getLogger(__name__)
 
 CARD_NAME = "index_card.json"
 CARD_VERSION = 1
+CARD_VOLATILE = ("created_at", "build_time_s", "faiss.add_seconds", "encoding.shards_reused",
+                 "encoding.shards_encoded", "encoding.passages_encoded", "encoding.encode_seconds",
+                 "encoding.passages_per_s", "encoding.index_seconds", "probe.seconds", "passages.source",
+                 "encoder.path", "passages.absolute")
+"""Card fields that differ between two builds of the same index (kept in the run record, `tspo_core.runinfo`)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,7 +197,7 @@ def read_card(index_dir: str | Path) -> dict[str, Any]:
     if card.get("format_version") != CARD_VERSION:
         raise RetrievalError(f"{path}: index format {card.get('format_version')!r}, expected {CARD_VERSION}; "
                              "rebuild the index")
-    return card
+    return merge_record(card, read_run_record(index_dir))
 
 
 def open_passages(index_dir: str | Path, card: dict[str, Any]) -> PassageStore:
@@ -200,11 +209,12 @@ def open_passages(index_dir: str | Path, card: dict[str, Any]) -> PassageStore:
     if info["mode"] == "copy":
         path = index_dir / info["file"]
     else:
-        candidates = [Path(os.path.normpath(index_dir / info["relpath"])), Path(info["file"])]
+        absolute = info.get("absolute") or info.get("file")  # (`file`: cards written before the run record)
+        candidates = [Path(os.path.normpath(index_dir / info["relpath"])), *([Path(absolute)] if absolute else [])]
         found = [p for p in candidates if p.is_file()]
         if not found:
             raise RetrievalError(f"{index_dir}: referenced corpus not found at {info['relpath']!r} (relative to the "
-                                 f"index) nor {info['file']!r}; rebuild with index.copy_passages = true to make "
+                                 f"index) nor {absolute!r}; rebuild with index.copy_passages = true to make "
                                  "the index self-contained")
         path = found[0]
     size = os.path.getsize(path)

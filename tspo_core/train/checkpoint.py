@@ -7,7 +7,8 @@ A checkpoint directory holds
   `sha256-rank<r>.json` records the sha256 of each rank's shards, checked on resume;
 - `trainer_state.pt`: step, fingerprint, LoRA settings, scheduler state and the world size that wrote it;
 - `rng/rank<r>.pt`: every rank's RNG states (python, numpy, torch);
-- `history.json` (per-step metrics so far) and the tokenizer.
+- `history.json` (per-step metrics so far; their wall-clock timings in `run_record.json`, outside DVC's hash) and
+  the tokenizer.
 
 It is written atomically: all ranks write into one temporary directory that rank 0 renames into place when every
 rank has finished (`tspo_core.io.atomic_dir`), so the previous checkpoint stays loadable if a process dies, the
@@ -31,6 +32,7 @@ import torch
 
 from tspo_core.errors import TSPOError
 from tspo_core.io import atomic_dir
+from tspo_core.runinfo import RUN_RECORD, merge_history, read_run_record, split_history
 
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
@@ -106,7 +108,7 @@ def save_checkpoint(path: str | Path, model, optimizer, tokenizer, state: dict[s
             if rank == 0:
                 tokenizer.save_pretrained(tmp)
                 torch.save({**state, "world_size": dist.world if dist is not None else 1}, tmp / STATE_FILE)
-                (tmp / HISTORY_FILE).write_text(json.dumps(history), encoding="utf-8")
+                save_history(tmp, history)
             if _collective(dist):
                 dist.barrier()  # every shard written before rank 0 renames the directory into place
     except (OSError, RuntimeError, CheckpointException) as err:
@@ -234,11 +236,25 @@ def copy_checkpoint_files(ckpt_dir: str | Path, dest: str | Path, skip: tuple[st
             shutil.copy2(f, Path(dest) / f.name)
 
 
+def save_history(directory: str | Path, history: list[dict]) -> None:
+    """The per-step history into `directory`: `history.json` without the wall-clock timings (the same bytes for
+    the same run), the timings in the directory's run record (`tspo_core.runinfo`, outside DVC's hash)."""
+    rows, timings = split_history(history)
+    (Path(directory) / HISTORY_FILE).write_text(json.dumps(rows), encoding="utf-8")
+    (Path(directory) / RUN_RECORD).write_text(json.dumps({"history_timings": timings}), encoding="utf-8")
+
+
+def load_history(directory: str | Path) -> list[dict]:
+    """The history `save_history` wrote, timings merged back where the run record has them."""
+    rows = json.loads((Path(directory) / HISTORY_FILE).read_text(encoding="utf-8"))
+    return merge_history(rows, read_run_record(directory).get("history_timings"))
+
+
 def load_trainer_state(path: str | Path) -> tuple[dict[str, Any], list[dict]]:
     path = Path(path)
     try:
         state = torch.load(path / STATE_FILE, weights_only=False)
-        history = json.loads((path / HISTORY_FILE).read_text(encoding="utf-8"))
+        history = load_history(path)
     except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{path}: cannot resume from this checkpoint: {err}") from err
     return state, history

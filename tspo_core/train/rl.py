@@ -39,8 +39,8 @@ from tspo_core.errors import ConfigError, TSPOError
 from tspo_core.io import restore_interrupted_swap
 from tspo_core.metrics import DEFAULT_NORMALIZATION, exact_match
 from tspo_core.train import rl_step
-from tspo_core.train.checkpoint import HISTORY_FILE, STATE_FILE, CheckpointError, copy_checkpoint_files, \
-    load_checkpoint, load_trainer_state, save_checkpoint
+from tspo_core.train.checkpoint import STATE_FILE, CheckpointError, copy_checkpoint_files, load_checkpoint, \
+    load_trainer_state, save_checkpoint, save_history
 from tspo_core.train.distributed import Dist, full_state_dict, gathered, shard
 from tspo_core.train.logprobs import token_logprobs
 from tspo_core.train.lora import describe, lora_settings
@@ -331,7 +331,7 @@ def export_model(trainer: RLTrainer, model_dir: str | Path, base_dir: str | Path
     with tempfile.TemporaryDirectory(prefix=f".{model_dir.name}.export.", dir=model_dir.parent) as d:
         trainer.model.save_pretrained(d, state_dict=full)  # under LoRA: peft writes the adapters alone
         trainer.tok.save_pretrained(d)
-        (Path(d) / HISTORY_FILE).write_text(json.dumps(trainer.history), encoding="utf-8")
+        save_history(d, trainer.history)
         if trainer.lora:
             write_merged_model(d, model_dir, base_dir, model_cfg)
         else:

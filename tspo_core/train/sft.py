@@ -377,13 +377,21 @@ def _skip_sft(params) -> dict:
     return {"summary": summary, "history": []}
 
 
+SUMMARY_VOLATILE = ("trajectory_seconds", "train_seconds", "meta")
+"""Summary keys that differ between two identical SFT runs (the clock, the machine)."""
+
+
 def _save_checkpoint(params, policy, tokenizer, summary: dict) -> None:
-    """The stage's output: an HF checkpoint in `paths.sft_dir` with `sft_summary.json` and the resolved params."""
+    """The stage's output: an HF checkpoint in `paths.sft_dir` with `sft_summary.json` (what the run produced) and
+    the resolved params; its timings and environment go to the run record, outside the artifact's DVC hash."""
     from tspo_core.config import dump_params
     from tspo_core.io import atomic_dir
+    from tspo_core.runinfo import RUN_RECORD, split_record
 
+    stable, record = split_record(summary, SUMMARY_VOLATILE)
     with atomic_dir(params.paths.sft_dir) as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (tmp / "sft_summary.json").write_text(json.dumps(stable, indent=2), encoding="utf-8")
+        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
         (tmp / "params.resolved.yaml").write_text(dump_params(params), encoding="utf-8")
