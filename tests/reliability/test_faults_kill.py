@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tspo_core.retrieval import read_card
+
 from reliability_support import (Work, deep, diff_snapshots, error_text, file_sha, kill_process,
                                  kill_tree, leftovers, read_json, running, set_dotted, snapshot, tiny_params, wait_for,
                                  without)
@@ -301,7 +303,7 @@ def test_index_build_killed_mid_encoding_keeps_finished_shards(work: Work, tmp_p
 
     rerun = work.run("index")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    card = read_json(index_dir / "index_card.json")
+    card = read_card(index_dir)  # the card and its run record (shard reuse is a property of this build)
     assert card["kind"] == "dense" and card["num_passages"] == n_passages
     assert card["encoding"]["shards_reused"] == len(finished), where
     assert card["encoding"]["shards_encoded"] == n_shards - len(finished), where
