@@ -16,7 +16,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tspo_core.config import Params, check_rl_rollout, dump_params, load_params
-from tspo_core.errors import ConfigError, TSPOError
+from tspo_core.errors import ConfigError, TSPOError, cut
 from tspo_core.io import check_disjoint, write_text
 from tspo_core.layout import DETAIL_DIR, detail_path
 
@@ -200,8 +200,7 @@ def main(flow: Callable[..., Any], description: str, options: Mapping[str, dict]
 def one_line(text: str, limit: int = 2000) -> str:
     """A message on one line: its lines joined with '; ' (a config error lists one invalid key per line), cut at
     `limit` characters."""
-    flat = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+    return cut("; ".join(part.strip() for part in str(text).splitlines() if part.strip()), limit)
 
 
 def log_dir() -> Path:

@@ -113,3 +113,24 @@ def test_sft_disabled_writes_the_base_checkpoint_unchanged(tmp_path):
     with pytest.raises(ConfigError, match="sft.enabled = false needs model.name_or_path"):
         run_sft(tiny)
     assert not (tmp_path / "sft2").exists()
+
+
+def test_a_saved_tokenizer_does_not_record_how_it_was_loaded(tmp_path):
+    """transformers writes its loading flags (`local_files_only`, set by HF offline mode) back into a saved
+    tokenizer_config.json; `load_policy` drops them, so a checkpoint's bytes do not depend on the environment."""
+    import json
+
+    from tspo_core.config import ModelConfig
+    from tspo_core.policy import load_policy
+
+    tok = build_tokenizer(WORDS, SYL)
+    model = build_tiny_model(TinyModelConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=2, num_key_value_heads=2), tok)
+    model.save_pretrained(tmp_path / "a")
+    tok.save_pretrained(tmp_path / "a")
+    _, loaded = load_policy(tmp_path / "a", ModelConfig(dtype="float32"), "cpu")
+    loaded.save_pretrained(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert not {"local_files_only", "is_local"} & set(saved)
+    assert (tmp_path / "b" / "tokenizer_config.json").read_bytes() == (tmp_path / "a" / "tokenizer_config.json").read_bytes()
+    assert loaded("Question was born").input_ids == tok("Question was born").input_ids

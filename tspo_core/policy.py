@@ -110,17 +110,28 @@ _ENCODER_ONLY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "elect
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_LOADING_FLAGS = ("local_files_only", "is_local")
+"""How transformers loaded a tokenizer (e.g. whether HF offline mode was set), which it would write back into every
+`tokenizer_config.json` saved from it: a property of the environment, not of the tokenizer, and it would give the
+same checkpoint another DVC hash."""
+
+
 def _load_tokenizer(source: str):
     """AutoTokenizer, except that a tokenizer saved as a plain `TokenizersBackend` (ours) is loaded as one:
-    AutoTokenizer would otherwise pick the model type's class (Qwen2Tokenizer) and rebuild a different vocabulary."""
+    AutoTokenizer would otherwise pick the model type's class (Qwen2Tokenizer) and rebuild a different vocabulary.
+    The loading flags are dropped (`_LOADING_FLAGS`)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     cfg_file = Path(source) / "tokenizer_config.json"
-    if cfg_file.is_file():
-        declared = json.loads(cfg_file.read_text(encoding="utf-8")).get("tokenizer_class")
-        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(source)
-    return AutoTokenizer.from_pretrained(source)
+    declared = (json.loads(cfg_file.read_text(encoding="utf-8")).get("tokenizer_class") if cfg_file.is_file()
+                else None)
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        tok = PreTrainedTokenizerFast.from_pretrained(source)
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+    for flag in _LOADING_FLAGS:
+        tok.init_kwargs.pop(flag, None)
+    return tok
 
 
 MODEL_FILES = ("config.json",)
