@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import os
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_WAIT_POLICY": "PASSIVE"}.items():
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+
+from tspo_core.omp import choose_wait_policy  # noqa: E402
+
+choose_wait_policy("PASSIVE")  # ranks side by side on the same cores
 
 import argparse  # noqa: E402
 import platform  # noqa: E402

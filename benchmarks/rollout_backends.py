@@ -38,19 +38,22 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 # both backends on the same threads (VLLMBackend itself runs vLLM in-process with a 1 GiB KV cache on the CPU)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tspo_core.omp import choose_wait_policy  # noqa: E402
+
+choose_wait_policy("PASSIVE")
+
 import torch  # noqa: E402
 
-from tspo_core.agent.backends import HFBackend, VLLMBackend  # noqa: E402
+from tspo_core.agent.backends import HFBackend  # noqa: E402
 from tspo_core.agent.rollout import RolloutEngine  # noqa: E402
 from tspo_core.config import load_params  # noqa: E402
 from tspo_core.data.subsets import subset  # noqa: E402
 from tspo_core.errors import TSPOError  # noqa: E402
 from tspo_core.evaluate import find_split  # noqa: E402
-from tspo_core.pipeline import load_split, rollout_settings  # noqa: E402
+from tspo_core.pipeline import load_split, make_backend, rollout_settings  # noqa: E402
 from tspo_core.policy import load_policy  # noqa: E402
 from tspo_core.retrieval.retriever import load_retriever  # noqa: E402
 
@@ -132,7 +135,8 @@ def main() -> int:
         return 1
     model.eval()
     t0 = time.perf_counter()
-    vllm_backend = VLLMBackend.from_pretrained(checkpoint, dtype=params.model.dtype, seed=args.seed)
+    vllm_backend = make_backend(model, tok, rollout.model_copy(update={"backend": "vllm"}), params.model, checkpoint,
+                                seed=args.seed)
     vllm_start = time.perf_counter() - t0
     # BM25 (numba) must still answer after vLLM started with llvmlite hidden from it (backends._llvmlite_hidden)
     if not retriever.search([qs[0].question], settings.top_k)[0]:

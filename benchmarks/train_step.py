@@ -325,7 +325,7 @@ def run_ours(args, work: dict, variant: str = "ours") -> dict:
     update, old log-probs recomputed by the trainer: `rollout.backend: vllm` with its defaults)."""
     import torch
 
-    from tspo_core.agent.backends import HFBackend, VLLMBackend
+    from tspo_core.pipeline import make_backend
     from tspo_core.config import AdvantageConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, \
         TrainConfig
     from tspo_core.data.schema import QAExample
@@ -338,17 +338,11 @@ def run_ours(args, work: dict, variant: str = "ours") -> dict:
     policy, tok = load_policy(model_dir, ModelConfig(dtype="float32"))
     ref = load_policy(model_dir, ModelConfig(dtype="float32"))[0] if args.kl > 0 else None
     stops = resolve_stops(args, tok)
-    vllm = variant == "ours-vllm"
     rollout_cfg = RolloutConfig(group_size=args.group_size, temperature=1.0, top_p=1.0, max_turns=1,
                                 max_new_tokens_per_turn=args.max_new_tokens, prompt_template=work["template"],
-                                backend="vllm" if vllm else "hf")
-    if vllm:
-        backend = VLLMBackend.from_pretrained(model_dir, dtype="float32", seed=args.seed,
-                                              kv_cache_gb=rollout_cfg.vllm_kv_cache_gb,
-                                              enforce_eager=rollout_cfg.vllm_enforce_eager)
-        torch.set_num_threads(args.threads)
-    else:
-        backend = HFBackend(policy, tok)
+                                backend="vllm" if variant == "ours-vllm" else "hf")
+    backend = make_backend(policy, tok, rollout_cfg, ModelConfig(dtype="float32"), model_dir, seed=args.seed)
+    torch.set_num_threads(args.threads)  # as it was before vLLM's engine started
     real_generate = backend.generate
     if stops == "eos":  # EOS only, as TRL (see --stops)
         def generate(contexts, max_new_tokens, temperature, top_p, stop):

@@ -12,7 +12,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # set before torch is imported by any test module
+
+from tspo_core.omp import choose_wait_policy  # noqa: E402
+
+choose_wait_policy("PASSIVE")  # before torch is imported by any test module (processes run side by side)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_QA = REPO.parent / "shared" / "data" / "real_qa"

@@ -87,20 +87,25 @@ def rollout_settings(rollout: RolloutConfig, retrieval: RetrievalConfig, model: 
                            prompt_template=rollout.prompt_template)
 
 
+def make_backend(policy, tokenizer, rollout: RolloutConfig, model: ModelConfig, checkpoint: str | None = None,
+                 sleep_mode: bool = False, seed: int = 0) -> HFBackend | VLLMBackend:
+    """The configured generation backend (`rollout.backend`): hf over `policy`, or a vLLM engine loaded from
+    `checkpoint` with the `rollout.vllm_*` settings (`sleep_mode`: an RL engine that sleeps during updates when
+    `rollout.vllm_sleep`, GPU only)."""
+    if rollout.backend != "vllm":
+        return HFBackend(policy, tokenizer)
+    if checkpoint is None:
+        raise ConfigError("rollout.backend = vllm needs a saved checkpoint directory to load")
+    return VLLMBackend.from_pretrained(checkpoint, dtype=model.dtype, seed=seed,
+                                       gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                                       kv_cache_gb=rollout.vllm_kv_cache_gb, enforce_eager=rollout.vllm_enforce_eager,
+                                       sleep_mode=rollout.vllm_sleep and sleep_mode)
+
+
 def make_engine(policy, tokenizer, retriever, rollout: RolloutConfig, retrieval: RetrievalConfig,
                 model: ModelConfig, checkpoint: str | None = None, sleep_mode: bool = False) -> RolloutEngine:
-    """The rollout engine over the configured backend (`rollout.backend`: hf, or vllm from `checkpoint`;
-    `sleep_mode`: an RL engine that sleeps during updates when `rollout.vllm_sleep`, GPU only)."""
-    if rollout.backend == "vllm":
-        if checkpoint is None:
-            raise ConfigError("rollout.backend = vllm needs a saved checkpoint directory to load")
-        backend = VLLMBackend.from_pretrained(checkpoint, dtype=model.dtype,
-                                              gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-                                              kv_cache_gb=rollout.vllm_kv_cache_gb,
-                                              enforce_eager=rollout.vllm_enforce_eager,
-                                              sleep_mode=rollout.vllm_sleep and sleep_mode)
-    else:
-        backend = HFBackend(policy, tokenizer)
+    """The rollout engine over the configured backend (`make_backend`)."""
+    backend = make_backend(policy, tokenizer, rollout, model, checkpoint, sleep_mode)
     return RolloutEngine(backend, tokenizer, retriever, rollout_settings(rollout, retrieval, model))
 
 

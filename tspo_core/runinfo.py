@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tspo_core.io import write_json
+
 _PACKAGES = ("torch", "transformers", "faiss-cpu", "sentence-transformers", "numpy", "vllm")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
 
@@ -97,6 +99,11 @@ def merge_history(rows: list[dict[str, Any]], timings: list[dict[str, Any]] | No
     """The inverse of `split_history`; rows without a recorded timing stay without one."""
     timings = timings or []
     return [{**r, **(timings[i] if i < len(timings) else {})} for i, r in enumerate(rows)]
+
+
+def write_run_record(directory: str | Path, record: dict[str, Any]) -> None:
+    """`record` as the run record of the artifact directory `directory`."""
+    write_json(Path(directory) / RUN_RECORD, record)
 
 
 def read_run_record(directory: str | Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from tspo_core.retrieval.base import MemoryBudgetError, Retriever
 from tspo_core.retrieval.corpus import CorpusScan, PassageStore, scan_corpus, write_passages
 from tspo_core.retrieval.retriever import (CARD_NAME, CARD_VERSION, CARD_VOLATILE, BM25Retriever, DenseRetriever,
                                            bm25_tokenizer, maybe_shard_to_gpus)
-from tspo_core.runinfo import RUN_RECORD, split_record
+from tspo_core.runinfo import split_record, write_run_record
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ def build_index(corpus: Sequence[Passage] | str | Path, cfg: IndexConfig, out_di
                     referenced_corpus_bytes=scan.size_bytes if pinfo["mode"] == "reference" else 0)
         stable, record = split_record(card, CARD_VOLATILE)
         write_json(tmp / CARD_NAME, stable)  # the same bytes for the same build: DVC's hash of the index
-        write_json(tmp / RUN_RECORD, record)  # this build's clock and absolute paths; read_card merges it back
+        write_run_record(tmp, record)  # this build's clock and absolute paths; read_card merges it back
     if not keep_shards and work.exists():
         shutil.rmtree(work, ignore_errors=True)
     log.info("built %s index of %d passages in %.1fs -> %s", card["index_type"], n, card["build_time_s"], out_dir)

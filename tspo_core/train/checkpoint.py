@@ -32,7 +32,7 @@ import torch
 
 from tspo_core.errors import TSPOError
 from tspo_core.io import atomic_dir
-from tspo_core.runinfo import RUN_RECORD, merge_history, read_run_record, split_history
+from tspo_core.runinfo import merge_history, read_run_record, split_history, write_run_record
 
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
@@ -241,7 +241,7 @@ def save_history(directory: str | Path, history: list[dict]) -> None:
     the same run), the timings in the directory's run record (`tspo_core.runinfo`, outside DVC's hash)."""
     rows, timings = split_history(history)
     (Path(directory) / HISTORY_FILE).write_text(json.dumps(rows), encoding="utf-8")
-    (Path(directory) / RUN_RECORD).write_text(json.dumps({"history_timings": timings}), encoding="utf-8")
+    write_run_record(directory, {"history_timings": timings})
 
 
 def load_history(directory: str | Path) -> list[dict]:

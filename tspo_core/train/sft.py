@@ -386,12 +386,12 @@ def _save_checkpoint(params, policy, tokenizer, summary: dict) -> None:
     the resolved params; its timings and environment go to the run record, outside the artifact's DVC hash."""
     from tspo_core.config import dump_params
     from tspo_core.io import atomic_dir
-    from tspo_core.runinfo import RUN_RECORD, split_record
+    from tspo_core.runinfo import split_record, write_run_record
 
     stable, record = split_record(summary, SUMMARY_VOLATILE)
     with atomic_dir(params.paths.sft_dir) as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "sft_summary.json").write_text(json.dumps(stable, indent=2), encoding="utf-8")
-        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        write_run_record(tmp, record)
         (tmp / "params.resolved.yaml").write_text(dump_params(params), encoding="utf-8")
