@@ -407,3 +407,17 @@ def test_oracle_on_real_nq_with_bm25(real_qa_dir: Path, tmp_path):
     hit = sum(r["answer_in_evidence"] for r in rows if r["id"] in supported) / len(supported)
     print(f"oracle EM on real NQ with BM25 top-3: {m['em']:.3f}; answer found for {hit:.1%} of supported ids")
     assert hit > 0.5
+
+
+def test_the_checkpoint_fingerprint_ignores_the_run_record_and_nothing_else(tmp_path):
+    """Finished evaluation rows are kept while the checkpoint is the same: a new run record (timings of an
+    otherwise identical training run) keeps the fingerprint, any other byte changes it."""
+    from tspo_core.evaluate import fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "run_record.json").write_text('{"history_timings": [{"step_s": 1.0}]}', encoding="utf-8")
+    before = fingerprint(tmp_path, {"top_k": 1})
+    (tmp_path / "run_record.json").write_text('{"history_timings": [{"step_s": 2.5}]}', encoding="utf-8")
+    assert fingerprint(tmp_path, {"top_k": 1}) == before
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")
+    assert fingerprint(tmp_path, {"top_k": 1}) != before

@@ -37,7 +37,7 @@ from tspo_core.errors import DataError
 from tspo_core.io import write_json, write_jsonl, write_text
 from tspo_core.layout import check_run_name, detail_path
 from tspo_core.metrics import DEFAULT_NORMALIZATION, cover_exact_match, exact_match, f1_score
-from tspo_core.runinfo import environment
+from tspo_core.runinfo import RUN_RECORD, environment
 
 log = logging.getLogger(__name__)
 
@@ -297,10 +297,11 @@ def find_split(data_dir: str | Path, name: str, split: str) -> str | None:
 
 
 def fingerprint(checkpoint: str | Path, settings: Mapping[str, Any]) -> str:
-    """sha256 over the checkpoint's files (names and contents) and the settings that change a rollout."""
+    """sha256 over the checkpoint's files (names and contents, the run record's timings left out, as DVC leaves
+    them out) and the settings that change a rollout."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     root = Path(checkpoint)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != RUN_RECORD):
         h.update(f.relative_to(root).as_posix().encode() + b"\x00")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
